@@ -1,0 +1,125 @@
+"""``GroupedQueryAttention``: a drop-in for timm's ViT ``Attention`` with pluggable allocation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdgqa.ops import grouped_attention
+from kdgqa.schemes import QueryAllocator, build_allocator
+
+__all__ = ["GroupedQueryAttention", "start_epoch"]
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class GroupedQueryAttention(nn.Module):
+    """Self-attention with ``num_heads`` query heads sharing ``num_kv_heads`` KV heads.
+
+    How query heads map to KV heads is decided by the ``scheme`` (see
+    ``kdgqa.available_schemes()``): fixed for ``mha``/``mqa``/``gqa``/``pgqa``, chosen from the
+    keys for ``kdgqa``/``dgqa-ema``/``dgqa-diff``. Scheme options (``reference``,
+    ``min_queries``, ``window_size``, ``beta``) are passed by keyword.
+
+    The forward signature matches timm's ``Attention`` (``attn_mask``, ``is_causal``), so the
+    module can replace it inside a timm ``Block``. Q, K and V come from one fused projection of
+    width ``(H + 2G) * head_dim``; attention is a single SDPA call whatever the allocation.
+    After each forward, ``last_kv_index`` holds the map that was used.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        scheme: str = "gqa",
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        *,
+        head_dim: int | None = None,
+        proj_bias: bool = True,
+        **scheme_options: Any,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("dim", dim)
+        _check_positive_int("num_heads", num_heads)
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or not (
+            1 <= num_kv_heads <= num_heads
+        ):
+            raise ValueError(
+                f"num_kv_heads must be an integer in [1, num_heads={num_heads}], "
+                f"got {num_kv_heads!r}"
+            )
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(
+                    f"dim={dim} is not divisible by num_heads={num_heads}; pass head_dim "
+                    "explicitly or choose num_heads among the divisors of dim"
+                )
+            head_dim = dim // num_heads
+        _check_positive_int("head_dim", head_dim)
+        for name, rate in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
+
+        self.dim = dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scheme = scheme
+        self.attn_drop = float(attn_drop)
+        self.allocator: QueryAllocator = build_allocator(
+            scheme, num_heads, num_kv_heads, **scheme_options
+        )
+        self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.last_kv_index: Tensor | None = None
+
+    @property
+    def scheme_options(self) -> dict[str, Any]:
+        """The scheme's options, defaults included."""
+        return dict(self.allocator.options)
+
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        batch, tokens, _ = x.shape
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(batch, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+        q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+        kv_index = self.allocator(k)
+        out = grouped_attention(
+            q, k, v, kv_index,
+            uniform=self.allocator.uniform,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        out = self.allocator.perturb(out, kv_index)
+        self.last_kv_index = kv_index.detach()
+        out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        return self.proj_drop(self.proj(out))
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of K and V one token occupies in an inference cache for this layer."""
+        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, scheme={self.scheme!r}"
+        )
+
+
+def start_epoch(model: nn.Module) -> None:
+    """Tell every allocator in ``model`` that an epoch starts (reference DGQA resets its step)."""
+    for module in model.modules():
+        if isinstance(module, QueryAllocator):
+            module.start_epoch()

@@ -1,0 +1,330 @@
+"""Query allocators: one small module per scheme, chosen by name.
+
+An allocator decides, on each forward pass, which KV head every query head reads
+(``forward(k) -> kv_index`` of shape ``(H,)``), and may perturb the attention output
+(``perturb``). Allocators that keep state (DGQA) hold it in buffers, so it travels with
+``state_dict`` and is never global. The registry is a read-only mapping built once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from kdgqa.allocation import (
+    counts_to_kv_index,
+    even_counts,
+    key_norms,
+    proportional_counts,
+    reference_dgqa_counts,
+    reference_kdgqa_counts,
+)
+
+__all__ = [
+    "SCHEMES",
+    "QueryAllocator",
+    "available_schemes",
+    "build_allocator",
+]
+
+
+class QueryAllocator(nn.Module):
+    """Base class: a static, even, contiguous allocation."""
+
+    name: ClassVar[str] = ""
+    #: Options a user may pass by keyword, with their defaults.
+    option_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    #: True when the allocation is chosen from the keys at run time.
+    key_driven: ClassVar[bool] = False
+    #: True when the map is fixed and every KV head serves H // G contiguous query heads,
+    #: which lets the attention op use SDPA's native ``enable_gqa`` path.
+    uniform: bool = True
+
+    def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        unknown = sorted(set(options) - set(self.option_defaults))
+        if unknown:
+            valid = ", ".join(sorted(self.option_defaults)) or "none"
+            raise ValueError(
+                f"unknown option {unknown[0]!r} for scheme {self.name!r}; valid options: {valid}"
+            )
+        self.options = {**self.option_defaults, **options}
+        counts = torch.tensor(even_counts(num_heads, num_kv_heads))
+        self.register_buffer("static_kv_index", counts_to_kv_index(counts, num_heads),
+                             persistent=False)
+
+    def forward(self, k: Tensor) -> Tensor:
+        """Return the query-head -> KV-head map for keys ``k`` of shape ``(B, G, N, D)``."""
+        return self.static_kv_index
+
+    def perturb(self, out: Tensor, kv_index: Tensor) -> Tensor:
+        """Hook on the attention output ``(B, H, N, D)``; identity except for PGQA."""
+        return out
+
+    def start_epoch(self) -> None:
+        """Hook for the training loop at each epoch start (only reference DGQA uses it)."""
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}{opts}"
+
+
+def _require_divisible(name: str, num_heads: int, num_kv_heads: int) -> None:
+    if num_heads % num_kv_heads:
+        divisors = [g for g in range(1, num_heads + 1) if num_heads % g == 0]
+        raise ValueError(
+            f"scheme {name!r} needs num_heads divisible by num_kv_heads, got "
+            f"num_heads={num_heads}, num_kv_heads={num_kv_heads}; valid num_kv_heads: "
+            f"{divisors} (key-driven schemes accept uneven groups)"
+        )
+
+
+class MHAAllocator(QueryAllocator):
+    """Multi-head attention: one KV head per query head."""
+
+    name = "mha"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
+        if num_kv_heads != num_heads:
+            raise ValueError(
+                f"scheme 'mha' needs num_kv_heads == num_heads ({num_heads}), "
+                f"got num_kv_heads={num_kv_heads}"
+            )
+        super().__init__(num_heads, num_kv_heads, **options)
+
+
+class MQAAllocator(QueryAllocator):
+    """Multi-query attention: every query head shares the single KV head."""
+
+    name = "mqa"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
+        if num_kv_heads != 1:
+            raise ValueError(f"scheme 'mqa' needs num_kv_heads == 1, got {num_kv_heads}")
+        super().__init__(num_heads, num_kv_heads, **options)
+
+
+class GQAAllocator(QueryAllocator):
+    """Uniform grouped-query attention: H // G contiguous query heads per KV head."""
+
+    name = "gqa"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
+        _require_divisible(self.name, num_heads, num_kv_heads)
+        super().__init__(num_heads, num_kv_heads, **options)
+
+
+class PGQAAllocator(GQAAllocator):
+    """Perturbed GQA (the paper's case study): static groups, noise subtracted from outputs.
+
+    For each query head's output, flattened over (tokens x head_dim), a ``torch.rand`` row is
+    drawn, the entry at the head's position within its group is zeroed (the official code
+    zeroes the diagonal of each group's noise matrix), the row is standardised, rescaled to the
+    output row's mean and std, and subtracted. Sound mode adds noise only in training, so
+    evaluation is deterministic; ``reference=True`` adds it in evaluation too, as published.
+    """
+
+    name = "pgqa"
+    option_defaults = MappingProxyType({"reference": False})
+
+    def perturb(self, out: Tensor, kv_index: Tensor) -> Tensor:
+        if not (self.training or self.options["reference"]):
+            return out
+        batch, heads, tokens, dim = out.shape
+        flat = out.reshape(batch, heads, tokens * dim)
+        noise = torch.rand(heads, tokens * dim, device=out.device)
+        group_start = torch.searchsorted(kv_index, kv_index, right=False)
+        position_in_group = torch.arange(heads, device=out.device) - group_start
+        diagonal = torch.arange(tokens * dim, device=out.device) == position_in_group[:, None]
+        noise = noise.masked_fill(diagonal, 0.0)
+        noise_std = noise.std(-1, keepdim=True)
+        noise_std = torch.where(noise_std == 0, 1.0, noise_std)
+        noise = (noise - noise.mean(-1, keepdim=True)) / noise_std
+        flat32 = flat.float()
+        shifted = flat32 - (noise * flat32.std(-1, keepdim=True) + flat32.mean(-1, keepdim=True))
+        return shifted.to(out.dtype).view(batch, heads, tokens, dim)
+
+
+class KDGQAAllocator(QueryAllocator):
+    """Key-distributed GQA: queries per KV head proportional to its key norm, every pass.
+
+    Norms are Frobenius norms over (tokens x head_dim) summed over the batch, as in the paper.
+    Default: proportional in fp32 with at least ``min_queries`` per KV head, no host sync.
+    ``reference=True``: the official min-max scaling, rounding and repair loop.
+    """
+
+    name = "kdgqa"
+    key_driven = True
+    uniform = False
+    option_defaults = MappingProxyType({"reference": False, "min_queries": 1})
+
+    def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
+        super().__init__(num_heads, num_kv_heads, **options)
+        _check_min_queries(self.name, self.options["min_queries"], num_heads, num_kv_heads)
+        if self.options["reference"] and num_kv_heads == 1:
+            raise ValueError(
+                "scheme 'kdgqa' with reference=True is undefined for num_kv_heads=1 "
+                "(min-max scaling of one norm divides 0 by 0); use reference=False or 'mqa'"
+            )
+
+    def forward(self, k: Tensor) -> Tensor:
+        if self.options["reference"]:
+            norms = torch.norm(k.detach(), dim=(2, 3)).sum(dim=0)
+            counts = torch.tensor(reference_kdgqa_counts(norms, self.num_heads), device=k.device)
+        else:
+            counts = proportional_counts(
+                key_norms(k), self.num_heads, self.options["min_queries"]
+            )
+        return counts_to_kv_index(counts, self.num_heads)
+
+
+class DGQAAllocator(QueryAllocator):
+    """Dynamic GQA: allocation from key norms tracked over training, refreshed every window.
+
+    State (buffers, saved in ``state_dict``): ``step`` (training forward passes seen),
+    ``cache`` (tracked key norms), ``updates`` (windows applied) and ``counts`` (the current
+    allocation, even until the first window).
+
+    Default: every ``window_size`` training steps the norms of the current batch update an
+    exponential moving average ``cache <- beta * norms + (1 - beta) * cache`` (the first window
+    takes the norms as they are). ``ema`` allocates in proportion to that average; ``diff``
+    in proportion to ``|norms - cache|`` before the update (how much each head moved).
+    Evaluation reads the frozen allocation and changes nothing. No host sync.
+
+    ``reference=True``: the official arithmetic. On steps where ``step % window_size == 0``
+    scores are ``beta * norms + (1 - beta) * cache`` (ema) or ``|cache - norms|`` (diff),
+    repaired at random, and ``cache <- (cache + norms) / window_size``; in evaluation, every
+    batch recomputes the allocation and overwrites ``cache`` with its norms. The official step
+    counter restarts every epoch: call ``start_epoch()`` (or ``kdgqa.start_epoch(model)``).
+    """
+
+    key_driven = True
+    uniform = False
+    flavour: ClassVar[str] = "ema"
+    option_defaults = MappingProxyType(
+        {"reference": False, "min_queries": 1, "window_size": 300, "beta": 0.9}
+    )
+
+    def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
+        super().__init__(num_heads, num_kv_heads, **options)
+        opts = self.options
+        _check_min_queries(self.name, opts["min_queries"], num_heads, num_kv_heads)
+        window = opts["window_size"]
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window_size must be an integer >= 1, got {window!r}")
+        beta = opts["beta"]
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1:
+            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("cache", torch.zeros(num_kv_heads, dtype=torch.float32))
+        self.register_buffer("counts", torch.tensor(even_counts(num_heads, num_kv_heads)))
+
+    def _reference_scores(self, norms: Tensor, cache: Tensor) -> Tensor:
+        if self.flavour == "ema":
+            return self.options["beta"] * norms + (1.0 - self.options["beta"]) * cache
+        return (cache - norms).abs()
+
+    def forward(self, k: Tensor) -> Tensor:
+        if self.options["reference"]:
+            self._reference_update(k)
+        elif self.training:
+            self._sound_update(k)
+        return counts_to_kv_index(self.counts, self.num_heads)
+
+    @torch.no_grad()
+    def _sound_update(self, k: Tensor) -> None:
+        norms = key_norms(k)
+        beta = self.options["beta"]
+        first = self.updates == 0
+        tracked = torch.where(first, norms, beta * norms + (1.0 - beta) * self.cache)
+        if self.flavour == "ema":
+            scores = tracked
+        else:
+            scores = torch.where(first, norms, (norms - self.cache).abs())
+        due = self.step % self.options["window_size"] == 0
+        fresh = proportional_counts(scores, self.num_heads, self.options["min_queries"])
+        self.counts.copy_(torch.where(due, fresh, self.counts))
+        self.cache.copy_(torch.where(due, tracked, self.cache))
+        self.updates.add_(due.long())
+        self.step.add_(1)
+
+    @torch.no_grad()
+    def _reference_update(self, k: Tensor) -> None:
+        norms = torch.norm(k, dim=(2, 3)).sum(dim=0).float()
+        if not self.training:
+            counts = reference_dgqa_counts(self._reference_scores(norms, self.cache), self.num_heads)
+            self.counts.copy_(torch.tensor(counts))
+            self.cache.copy_(norms)
+            return
+        if int(self.step) % self.options["window_size"] == 0:
+            counts = reference_dgqa_counts(self._reference_scores(norms, self.cache), self.num_heads)
+            self.counts.copy_(torch.tensor(counts))
+            self.cache.copy_((self.cache + norms) / self.options["window_size"])
+            self.updates.add_(1)
+        self.step.add_(1)
+
+    def start_epoch(self) -> None:
+        if self.options["reference"]:
+            self.step.zero_()
+
+
+class DGQAEmaAllocator(DGQAAllocator):
+    name = "dgqa-ema"
+    flavour = "ema"
+
+
+class DGQADiffAllocator(DGQAAllocator):
+    name = "dgqa-diff"
+    flavour = "diff"
+
+
+def _check_min_queries(name: str, min_queries: Any, num_heads: int, num_kv_heads: int) -> None:
+    limit = num_heads // num_kv_heads
+    if isinstance(min_queries, bool) or not isinstance(min_queries, int) or not (
+        0 <= min_queries <= limit
+    ):
+        raise ValueError(
+            f"scheme {name!r}: min_queries must be an integer in [0, {limit}] for "
+            f"num_heads={num_heads}, num_kv_heads={num_kv_heads}; got {min_queries!r}"
+        )
+
+
+SCHEMES: Mapping[str, type[QueryAllocator]] = MappingProxyType(
+    {
+        cls.name: cls
+        for cls in (
+            MHAAllocator,
+            MQAAllocator,
+            GQAAllocator,
+            PGQAAllocator,
+            KDGQAAllocator,
+            DGQAEmaAllocator,
+            DGQADiffAllocator,
+        )
+    }
+)
+
+
+def available_schemes() -> list[str]:
+    """Names accepted by ``GroupedQueryAttention(scheme=...)`` and ``kdgqa.convert``."""
+    return list(SCHEMES)
+
+
+def build_allocator(
+    scheme: str, num_heads: int, num_kv_heads: int, **options: Any
+) -> QueryAllocator:
+    """Instantiate the allocator registered under ``scheme``."""
+    try:
+        cls = SCHEMES[scheme]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}"
+        ) from None
+    return cls(num_heads, num_kv_heads, **options)
