@@ -1,0 +1,188 @@
+"""Attention-module speed: every kdgqa scheme beside an eager per-group loop.
+
+The loop baseline is written the way the paper's official code runs (separate q/k/v
+projections, allocation on the host via ``.tolist()``, one matmul-softmax-matmul per group),
+so the comparison shows what the fused, sync-free path buys. Prints a JSON list of records
+``{device, shape, scheme, fwd_ms, fwd_bwd_ms, ...}`` and optionally writes it to ``--out``.
+
+    python benchmarks/attention.py --out benchmarks/results/attention_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kdgqa
+from kdgqa.allocation import even_counts
+
+SHAPES: dict[str, dict[str, int]] = {
+    "vit_b": {"batch": 256, "tokens": 197, "heads": 12, "kv_heads": 6, "head_dim": 64},
+    "vit_l": {"batch": 128, "tokens": 197, "heads": 16, "kv_heads": 4, "head_dim": 64},
+    "vit_b_384": {"batch": 32, "tokens": 577, "heads": 12, "kv_heads": 6, "head_dim": 64},
+}
+SCHEMES = ("mha", "gqa", "kdgqa", "dgqa-ema", "dgqa-diff", "pgqa", "mqa")
+LOOP_KINDS = ("loop-gqa", "loop-kdgqa", "loop-pgqa")
+
+
+class PerGroupLoopAttention(nn.Module):
+    """Eager baseline in the style of the official code (own code, same execution pattern)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, kind: str) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.kind = heads, kv_heads, kind
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _counts(self, k: Tensor) -> list[int]:
+        if self.kind != "loop-kdgqa":
+            return even_counts(self.heads, self.kv_heads)
+        norms = torch.norm(k, dim=(2, 3)).sum(0)
+        norms = (norms - norms.min()) / (norms.max() - norms.min())
+        alloc = (norms / norms.sum() * self.heads).round().int()
+        while alloc.sum() > self.heads:
+            alloc[torch.argmax(alloc)] -= 1
+        while alloc.sum() < self.heads:
+            alloc[torch.argmin(alloc)] += 1
+        return alloc.tolist()
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2) * self.head_dim**-0.5
+        k = self.k(x).view(b, n, self.kv_heads, -1).transpose(1, 2)
+        v = self.v(x).view(b, n, self.kv_heads, -1).transpose(1, 2)
+        outs = []
+        for qg, kg, vg in zip(
+            torch.split(q, self._counts(k), dim=1), k.split(1, 1), v.split(1, 1), strict=True
+        ):
+            o = F.softmax(qg @ kg.transpose(-2, -1), dim=-1) @ vg
+            if self.kind == "loop-pgqa" and o.shape[1] > 0:
+                flat = o.reshape(b, o.shape[1], -1)
+                noise = torch.rand(flat.shape[1:], device=x.device)
+                noise = (noise - noise.mean(-1, keepdim=True)) / noise.std(-1, keepdim=True)
+                o = (flat - (noise * flat.std(-1, keepdim=True) + flat.mean(-1, keepdim=True)))
+                o = o.view(b, -1, n, self.head_dim)
+            outs.append(o)
+        return self.proj(torch.cat(outs, 1).transpose(1, 2).reshape(b, n, c))
+
+
+def time_ms(fn: Callable[[], object], iters: int, warmup: int) -> float:
+    """Median wall time of ``fn`` in milliseconds, measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def build(name: str, shape: dict[str, int]) -> nn.Module:
+    dim = shape["heads"] * shape["head_dim"]
+    heads, kv = shape["heads"], shape["kv_heads"]
+    if name.startswith("loop-"):
+        return PerGroupLoopAttention(dim, heads, kv, name)
+    kv = {"mha": heads, "mqa": 1}.get(name, kv)
+    return kdgqa.GroupedQueryAttention(dim, heads, kv, name)
+
+
+def sync_free(module: nn.Module, x: Tensor) -> bool:
+    """True when a training forward+backward never synchronises with the host."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module(x).float().sum().backward()
+        ok = True
+    except RuntimeError:
+        ok = False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return ok
+
+
+def measure(name: str, shape_name: str, args: argparse.Namespace) -> dict[str, object]:
+    shape = SHAPES[shape_name]
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    torch._dynamo.reset()  # every scheme compiles afresh, within dynamo's recompile limit
+    module = build(name, shape).to("cuda", dtype).train()
+    dim = shape["heads"] * shape["head_dim"]
+    x = torch.randn(shape["batch"], shape["tokens"], dim, device="cuda", dtype=dtype)
+    xg = x.clone().requires_grad_(True)
+    grad = torch.randn_like(x)
+    run = torch.compile(module, fullgraph=True) if args.compile else module
+
+    def fwd() -> None:
+        with torch.no_grad():
+            run(x)
+
+    def fwd_bwd() -> None:
+        for p in module.parameters():
+            p.grad = None
+        xg.grad = None
+        run(xg).backward(grad)
+
+    record: dict[str, object] = {
+        "device": torch.cuda.get_device_name(),
+        "shape": shape_name,
+        **shape,
+        "scheme": name,
+        "dtype": "bfloat16",
+        "compiled": args.compile,
+        "fwd_ms": round(time_ms(fwd, args.iters, args.warmup), 4),
+        "fwd_bwd_ms": round(time_ms(fwd_bwd, args.iters, args.warmup), 4),
+        "torch": torch.__version__,
+    }
+    if not name.startswith("loop-"):
+        record["sync_free_fwd_bwd"] = sync_free(run, xg)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--schemes", nargs="+", default=[*SCHEMES, *LOOP_KINDS],
+                        choices=[*SCHEMES, *LOOP_KINDS])
+    parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True)")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", type=Path, help="also write the JSON list here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/attention.py: error: needs a CUDA device", file=sys.stderr)
+        return 2
+    records = []
+    for shape_name in args.shapes:
+        for name in args.schemes:
+            if args.compile and name.startswith("loop-"):
+                continue
+            record = measure(name, shape_name, args)
+            print(json.dumps(record), file=sys.stderr, flush=True)
+            records.append(record)
+    text = json.dumps(records, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
