@@ -72,7 +72,7 @@ class PerGroupLoopAttention(nn.Module):
                 noise = torch.rand(flat.shape[1:], device=x.device)
                 noise = (noise - noise.mean(-1, keepdim=True)) / noise.std(-1, keepdim=True)
                 o = (flat - (noise * flat.std(-1, keepdim=True) + flat.mean(-1, keepdim=True)))
-                o = o.view(b, -1, n, self.head_dim)
+                o = o.to(x.dtype).view(b, -1, n, self.head_dim)
             outs.append(o)
         return self.proj(torch.cat(outs, 1).transpose(1, 2).reshape(b, n, c))
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from attention import SHAPES, time_ms
 from torch import Tensor
 
+from attention import SHAPES, time_ms
 from kdgqa.allocation import counts_to_kv_index
 
 
@@ -27,6 +28,11 @@ def native(q: Tensor, k: Tensor, v: Tensor, index: Tensor) -> Tensor:
 
 def by_index_select(q: Tensor, k: Tensor, v: Tensor, index: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k.index_select(1, index), v.index_select(1, index))
+
+
+def by_stacked_index_select(q: Tensor, k: Tensor, v: Tensor, index: Tensor) -> Tensor:
+    kv = torch.stack((k, v), 1).index_select(2, index)
+    return F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1])
 
 
 def by_gather(q: Tensor, k: Tensor, v: Tensor, index: Tensor) -> Tensor:
@@ -41,9 +47,31 @@ def by_one_hot(q: Tensor, k: Tensor, v: Tensor, index: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, ke, ve)
 
 
+def time_variant(
+    fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+    qkv: tuple[Tensor, Tensor, Tensor],
+    index: Tensor,
+    grad: Tensor,
+    args: argparse.Namespace,
+) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of one variant."""
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(*qkv, index)
+
+    def fwd_bwd() -> None:
+        for t in qkv:
+            t.grad = None
+        fn(*qkv, index).backward(grad)
+
+    return time_ms(fwd, args.iters, args.warmup), time_ms(fwd_bwd, args.iters, args.warmup)
+
+
 VARIANTS = {
     "sdpa_enable_gqa_uniform": native,
     "index_select": by_index_select,
+    "stacked_index_select": by_stacked_index_select,
     "gather": by_gather,
     "one_hot_matmul": by_one_hot,
 }
@@ -78,20 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             for map_name, index in maps.items():
                 if variant.endswith("_uniform") and map_name != "uniform":
                     continue
-
-                def fwd_bwd(fn=fn, index=index) -> None:  # type: ignore[no-untyped-def]
-                    q.grad = k.grad = v.grad = None
-                    fn(q, k, v, index).backward(grad)
-
-                def fwd(fn=fn, index=index) -> None:  # type: ignore[no-untyped-def]
-                    with torch.no_grad():
-                        fn(q, k, v, index)
-
+                fwd_ms, fwd_bwd_ms = time_variant(fn, (q, k, v), index, grad, args)
                 rec = {
                     "device": torch.cuda.get_device_name(), "shape": shape_name, **s,
                     "variant": variant, "map": map_name,
-                    "fwd_ms": round(time_ms(fwd, args.iters, args.warmup), 4),
-                    "fwd_bwd_ms": round(time_ms(fwd_bwd, args.iters, args.warmup), 4),
+                    "fwd_ms": round(fwd_ms, 4), "fwd_bwd_ms": round(fwd_bwd_ms, 4),
                 }
                 print(json.dumps(rec), file=sys.stderr, flush=True)
                 records.append(rec)

@@ -18,7 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdgqa.kernels import apportion_triton, triton_available
+
 __all__ = [
+    "apportion",
     "counts_to_kv_index",
     "even_counts",
     "key_norms",
@@ -85,6 +88,23 @@ def proportional_counts(scores: Tensor, num_heads: int, min_queries: int = 1) ->
     rank = torch.argsort(order, dim=-1)
     counts = whole + (rank < left).float() + min_queries
     return counts.long()
+
+
+def apportion(
+    scores: Tensor, num_heads: int, min_queries: int = 1, reduce_rows: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``proportional_counts`` and the head map for rows of ``scores`` ``(R, G)``.
+
+    With ``reduce_rows`` the rows are summed first and one row comes back. On CUDA with Triton
+    this is one fused kernel launch (``kdgqa.kernels``); elsewhere, the same arithmetic in
+    tensor ops. Returns ``(counts (R', G), kv_index (R', H))``, both int64.
+    """
+    if scores.is_cuda and triton_available():
+        return apportion_triton(scores, num_heads, min_queries, reduce_rows)
+    if reduce_rows:
+        scores = scores.float().sum(0, keepdim=True)
+    counts = proportional_counts(scores, num_heads, min_queries)
+    return counts, counts_to_kv_index(counts, num_heads)
 
 
 def _check_reference_input(values: Tensor, what: str) -> None:

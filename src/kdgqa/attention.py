@@ -93,10 +93,11 @@ class GroupedQueryAttention(nn.Module):
         batch, tokens, _ = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x).view(batch, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-        q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
-        kv_index = self.allocator(k)
+        q = qkv[:, :heads]
+        kv = qkv[:, heads:].unflatten(1, (2, kv_heads))
+        kv_index = self.allocator(kv[:, 0])
         out = grouped_attention(
-            q, k, v, kv_index,
+            q, kv, kv_index,
             uniform=self.allocator.uniform,
             attn_mask=attn_mask,
             dropout_p=self.attn_drop if self.training else 0.0,

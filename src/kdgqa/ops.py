@@ -29,21 +29,21 @@ def native_gqa_is_fused(q: Tensor, attn_mask: Tensor | None) -> bool:
 
 
 def expand_kv(kv: Tensor, kv_index: Tensor) -> Tensor:
-    """Give every query head its own copy of its KV head: ``(B, G, N, D) -> (B, H, N, D)``.
+    """Give every query head its own K and V: ``(B, 2, G, N, D) -> (B, 2, H, N, D)``.
 
-    ``kv_index`` is ``(H,)`` (shared by the batch) or ``(B, H)`` (one map per input).
+    K and V are stacked on dim 1 so both are served by one gather (one kernel forward, one
+    in backward). ``kv_index`` is ``(H,)`` (shared by the batch) or ``(B, H)`` (per input).
     """
     if kv_index.dim() == 1:
-        return kv.index_select(1, kv_index)
-    batch, _, tokens, dim = kv.shape
-    index = kv_index[:, :, None, None].expand(batch, kv_index.shape[1], tokens, dim)
-    return kv.gather(1, index)
+        return kv.index_select(2, kv_index)
+    batch, pair, _, tokens, dim = kv.shape
+    index = kv_index[:, None, :, None, None].expand(batch, pair, kv_index.shape[1], tokens, dim)
+    return kv.gather(2, index)
 
 
 def grouped_attention(
     q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    kv: Tensor,
     kv_index: Tensor,
     *,
     uniform: bool,
@@ -53,20 +53,18 @@ def grouped_attention(
 ) -> Tensor:
     """Attention where query head ``h`` reads KV head ``kv_index[h]``.
 
-    ``q`` is ``(B, H, N, D)``, ``k`` and ``v`` are ``(B, G, N, D)``. ``uniform`` promises that
-    ``kv_index`` is ``arange(H) // (H // G)``, which SDPA's native GQA layout assumes.
+    ``q`` is ``(B, H, N, D)`` and ``kv`` is K and V stacked, ``(B, 2, G, N, D)``. ``uniform``
+    promises that ``kv_index`` is ``arange(H) // (H // G)``, the layout SDPA's native GQA
+    assumes; without it the map is read from ``kv_index`` on the device.
     """
-    num_heads, num_kv_heads = q.shape[1], k.shape[1]
-    if num_kv_heads == num_heads and uniform:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
-        )
+    num_heads, num_kv_heads = q.shape[1], kv.shape[2]
+    sdpa = F.scaled_dot_product_attention
+    if uniform and num_kv_heads == num_heads:
+        return sdpa(q, kv[:, 0], kv[:, 1], attn_mask=attn_mask, dropout_p=dropout_p,
+                    is_causal=is_causal)
     if uniform and native_gqa_is_fused(q, attn_mask):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-            enable_gqa=True,
-        )
-    return F.scaled_dot_product_attention(
-        q, expand_kv(k, kv_index), expand_kv(v, kv_index),
-        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-    )
+        return sdpa(q, kv[:, 0], kv[:, 1], attn_mask=attn_mask, dropout_p=dropout_p,
+                    is_causal=is_causal, enable_gqa=True)
+    expanded = expand_kv(kv, kv_index)
+    return sdpa(q, expanded[:, 0], expanded[:, 1], attn_mask=attn_mask, dropout_p=dropout_p,
+                is_causal=is_causal)

@@ -8,7 +8,7 @@ An allocator decides, on each forward pass, which KV head every query head reads
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from kdgqa.allocation import (
+    apportion,
     counts_to_kv_index,
     even_counts,
     key_norms,
-    proportional_counts,
     reference_dgqa_counts,
     reference_kdgqa_counts,
 )
@@ -29,6 +29,7 @@ __all__ = [
     "QueryAllocator",
     "available_schemes",
     "build_allocator",
+    "set_stats_reducer",
 ]
 
 
@@ -133,40 +134,64 @@ class PGQAAllocator(GQAAllocator):
     name = "pgqa"
     option_defaults = MappingProxyType({"reference": False})
 
+    def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
+        super().__init__(num_heads, num_kv_heads, **options)
+        group = num_heads // num_kv_heads
+        position = torch.arange(num_heads) % group
+        off_diagonal = (torch.arange(group)[None, :] != position[:, None]).float()
+        self.register_buffer("off_diagonal", off_diagonal, persistent=False)
+
     def perturb(self, out: Tensor, kv_index: Tensor) -> Tensor:
         if not (self.training or self.options["reference"]):
             return out
         batch, heads, tokens, dim = out.shape
         flat = out.reshape(batch, heads, tokens * dim)
         noise = torch.rand(heads, tokens * dim, device=out.device)
-        group_start = torch.searchsorted(kv_index, kv_index, right=False)
-        position_in_group = torch.arange(heads, device=out.device) - group_start
-        diagonal = torch.arange(tokens * dim, device=out.device) == position_in_group[:, None]
-        noise = noise.masked_fill(diagonal, 0.0)
-        noise_std = noise.std(-1, keepdim=True)
-        noise_std = torch.where(noise_std == 0, 1.0, noise_std)
-        noise = (noise - noise.mean(-1, keepdim=True)) / noise_std
-        flat32 = flat.float()
-        shifted = flat32 - (noise * flat32.std(-1, keepdim=True) + flat32.mean(-1, keepdim=True))
-        return shifted.to(out.dtype).view(batch, heads, tokens, dim)
+        width = min(self.off_diagonal.shape[1], tokens * dim)
+        noise[:, :width].mul_(self.off_diagonal[:, :width])
+        noise_std, noise_mean = torch.std_mean(noise, dim=-1, keepdim=True)
+        unit = ((noise - noise_mean) / noise_std.clamp_min(torch.finfo(noise.dtype).tiny))
+        row_std, row_mean = torch.std_mean(flat, dim=-1, keepdim=True)
+        perturbed = flat - torch.addcmul(row_mean, unit.to(out.dtype), row_std)
+        return perturbed.view(batch, heads, tokens, dim)
 
 
-class KDGQAAllocator(QueryAllocator):
-    """Key-distributed GQA: queries per KV head proportional to its key norm, every pass.
+class KeyDrivenAllocator(QueryAllocator):
+    """Shared machinery of the key-driven schemes.
 
-    Norms are Frobenius norms over (tokens x head_dim) summed over the batch, as in the paper.
-    Default: proportional in fp32 with at least ``min_queries`` per KV head, no host sync.
-    ``reference=True``: the official min-max scaling, rounding and repair loop.
+    ``stats_reducer``, when set (``kdgqa.set_stats_reducer``), is applied to the batch-summed
+    key norms before they are used, e.g. an all-reduce so every data-parallel rank allocates
+    from the global batch and all ranks agree.
     """
 
-    name = "kdgqa"
     key_driven = True
     uniform = False
-    option_defaults = MappingProxyType({"reference": False, "min_queries": 1})
 
     def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
         super().__init__(num_heads, num_kv_heads, **options)
         _check_min_queries(self.name, self.options["min_queries"], num_heads, num_kv_heads)
+        self.stats_reducer: Callable[[Tensor], Tensor] | None = None
+
+    def batch_norms(self, k: Tensor) -> Tensor:
+        """Key norms summed over the batch, ``(G,)`` in fp32, reduced across ranks if set."""
+        norms = key_norms(k)
+        return norms if self.stats_reducer is None else self.stats_reducer(norms)
+
+
+class KDGQAAllocator(KeyDrivenAllocator):
+    """Key-distributed GQA: queries per KV head proportional to its key norm, every pass.
+
+    Norms are Frobenius norms over (tokens x head_dim) summed over the batch, as in the paper.
+    Default: proportional in fp32 with at least ``min_queries`` per KV head, no host sync
+    (one fused kernel on CUDA). ``reference=True``: the official min-max scaling, rounding and
+    repair loop, on the host.
+    """
+
+    name = "kdgqa"
+    option_defaults = MappingProxyType({"reference": False, "min_queries": 1})
+
+    def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
+        super().__init__(num_heads, num_kv_heads, **options)
         if self.options["reference"] and num_kv_heads == 1:
             raise ValueError(
                 "scheme 'kdgqa' with reference=True is undefined for num_kv_heads=1 "
@@ -176,15 +201,19 @@ class KDGQAAllocator(QueryAllocator):
     def forward(self, k: Tensor) -> Tensor:
         if self.options["reference"]:
             norms = torch.norm(k.detach(), dim=(2, 3)).sum(dim=0)
+            if self.stats_reducer is not None:
+                norms = self.stats_reducer(norms)
             counts = torch.tensor(reference_kdgqa_counts(norms, self.num_heads), device=k.device)
+            return counts_to_kv_index(counts, self.num_heads)
+        if self.stats_reducer is None:
+            scores, reduce_rows = key_norms(k, per_sample=True), True
         else:
-            counts = proportional_counts(
-                key_norms(k), self.num_heads, self.options["min_queries"]
-            )
-        return counts_to_kv_index(counts, self.num_heads)
+            scores, reduce_rows = self.batch_norms(k)[None], False
+        _, kv_index = apportion(scores, self.num_heads, self.options["min_queries"], reduce_rows)
+        return kv_index[0]
 
 
-class DGQAAllocator(QueryAllocator):
+class DGQAAllocator(KeyDrivenAllocator):
     """Dynamic GQA: allocation from key norms tracked over training, refreshed every window.
 
     State (buffers, saved in ``state_dict``): ``step`` (training forward passes seen),
@@ -195,7 +224,9 @@ class DGQAAllocator(QueryAllocator):
     exponential moving average ``cache <- beta * norms + (1 - beta) * cache`` (the first window
     takes the norms as they are). ``ema`` allocates in proportion to that average; ``diff``
     in proportion to ``|norms - cache|`` before the update (how much each head moved).
-    Evaluation reads the frozen allocation and changes nothing. No host sync.
+    Evaluation reads the frozen allocation and changes nothing. No host sync: in eager mode a
+    host-side mirror of ``step`` decides when a window is due, so the steps in between cost
+    one increment; under ``torch.compile`` the decision is made on the device.
 
     ``reference=True``: the official arithmetic. On steps where ``step % window_size == 0``
     scores are ``beta * norms + (1 - beta) * cache`` (ema) or ``|cache - norms|`` (diff),
@@ -204,8 +235,6 @@ class DGQAAllocator(QueryAllocator):
     counter restarts every epoch: call ``start_epoch()`` (or ``kdgqa.start_epoch(model)``).
     """
 
-    key_driven = True
-    uniform = False
     flavour: ClassVar[str] = "ema"
     option_defaults = MappingProxyType(
         {"reference": False, "min_queries": 1, "window_size": 300, "beta": 0.9}
@@ -214,33 +243,45 @@ class DGQAAllocator(QueryAllocator):
     def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
         super().__init__(num_heads, num_kv_heads, **options)
         opts = self.options
-        _check_min_queries(self.name, opts["min_queries"], num_heads, num_kv_heads)
         window = opts["window_size"]
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window_size must be an integer >= 1, got {window!r}")
         beta = opts["beta"]
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1:
             raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        counts = torch.tensor(even_counts(num_heads, num_kv_heads))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("cache", torch.zeros(num_kv_heads, dtype=torch.float32))
-        self.register_buffer("counts", torch.tensor(even_counts(num_heads, num_kv_heads)))
-
-    def _reference_scores(self, norms: Tensor, cache: Tensor) -> Tensor:
-        if self.flavour == "ema":
-            return self.options["beta"] * norms + (1.0 - self.options["beta"]) * cache
-        return (cache - norms).abs()
+        self.register_buffer("counts", counts)
+        self.register_buffer("kv_index", counts_to_kv_index(counts, num_heads), persistent=False)
+        self._host_step: int | None = 0
+        self.register_load_state_dict_post_hook(_dgqa_after_load)
 
     def forward(self, k: Tensor) -> Tensor:
         if self.options["reference"]:
             self._reference_update(k)
         elif self.training:
-            self._sound_update(k)
-        return counts_to_kv_index(self.counts, self.num_heads)
+            if torch.compiler.is_compiling():
+                self._window_update(k, due=self.step % self.options["window_size"] == 0)
+                self.step.add_(1)
+                self._host_step = None
+            else:
+                self._eager_step(k)
+        return self.kv_index
+
+    def _eager_step(self, k: Tensor) -> None:
+        if self._host_step is None:  # once after loading or compiled steps
+            self._host_step = int(self.step)
+        if self._host_step % self.options["window_size"] == 0:
+            self._window_update(k, due=None)
+        self.step.add_(1)
+        self._host_step += 1
 
     @torch.no_grad()
-    def _sound_update(self, k: Tensor) -> None:
-        norms = key_norms(k)
+    def _window_update(self, k: Tensor, due: Tensor | None) -> None:
+        """Apply one window; ``due=None`` means it is due for sure (decided on the host)."""
+        norms = self.batch_norms(k)
         beta = self.options["beta"]
         first = self.updates == 0
         tracked = torch.where(first, norms, beta * norms + (1.0 - beta) * self.cache)
@@ -248,31 +289,52 @@ class DGQAAllocator(QueryAllocator):
             scores = tracked
         else:
             scores = torch.where(first, norms, (norms - self.cache).abs())
-        due = self.step % self.options["window_size"] == 0
-        fresh = proportional_counts(scores, self.num_heads, self.options["min_queries"])
-        self.counts.copy_(torch.where(due, fresh, self.counts))
-        self.cache.copy_(torch.where(due, tracked, self.cache))
-        self.updates.add_(due.long())
-        self.step.add_(1)
+        counts, kv_index = apportion(scores[None], self.num_heads, self.options["min_queries"])
+        if due is None:
+            self.counts.copy_(counts[0])
+            self.kv_index.copy_(kv_index[0])
+            self.cache.copy_(tracked)
+            self.updates.add_(1)
+        else:
+            self.counts.copy_(torch.where(due, counts[0], self.counts))
+            self.kv_index.copy_(torch.where(due, kv_index[0], self.kv_index))
+            self.cache.copy_(torch.where(due, tracked, self.cache))
+            self.updates.add_(due.long())
+
+    def _reference_scores(self, norms: Tensor, cache: Tensor) -> Tensor:
+        if self.flavour == "ema":
+            return self.options["beta"] * norms + (1.0 - self.options["beta"]) * cache
+        return (cache - norms).abs()
 
     @torch.no_grad()
     def _reference_update(self, k: Tensor) -> None:
         norms = torch.norm(k, dim=(2, 3)).sum(dim=0).float()
-        if not self.training:
-            counts = reference_dgqa_counts(self._reference_scores(norms, self.cache), self.num_heads)
-            self.counts.copy_(torch.tensor(counts))
-            self.cache.copy_(norms)
+        if self.stats_reducer is not None:
+            norms = self.stats_reducer(norms)
+        if self.training and int(self.step) % self.options["window_size"] != 0:
+            self.step.add_(1)
             return
-        if int(self.step) % self.options["window_size"] == 0:
-            counts = reference_dgqa_counts(self._reference_scores(norms, self.cache), self.num_heads)
-            self.counts.copy_(torch.tensor(counts))
+        counts = reference_dgqa_counts(self._reference_scores(norms, self.cache), self.num_heads)
+        self.counts.copy_(torch.tensor(counts))
+        self.kv_index.copy_(counts_to_kv_index(self.counts, self.num_heads))
+        if self.training:
             self.cache.copy_((self.cache + norms) / self.options["window_size"])
             self.updates.add_(1)
-        self.step.add_(1)
+            self.step.add_(1)
+        else:
+            self.cache.copy_(norms)
 
     def start_epoch(self) -> None:
         if self.options["reference"]:
             self.step.zero_()
+            self._host_step = None
+
+
+def _dgqa_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """Rebuild what is derived from the loaded buffers."""
+    assert isinstance(module, DGQAAllocator)
+    module.kv_index.copy_(counts_to_kv_index(module.counts, module.num_heads))
+    module._host_step = None
 
 
 class DGQAEmaAllocator(DGQAAllocator):
@@ -283,6 +345,13 @@ class DGQAEmaAllocator(DGQAAllocator):
 class DGQADiffAllocator(DGQAAllocator):
     name = "dgqa-diff"
     flavour = "diff"
+
+
+def set_stats_reducer(model: nn.Module, reducer: Callable[[Tensor], Tensor] | None) -> None:
+    """Install ``reducer`` (e.g. a sum all-reduce) on every key-driven allocator in ``model``."""
+    for module in model.modules():
+        if isinstance(module, KeyDrivenAllocator):
+            module.stats_reducer = reducer
 
 
 def _check_min_queries(name: str, min_queries: Any, num_heads: int, num_kv_heads: int) -> None:
