@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,7 @@ class ExportError(ValueError):
 
 def fixed_kv_index(module: GroupedQueryAttention, path: str = "") -> Tensor:
     """The query-head -> KV-head map ``module`` uses at evaluation time, if it is fixed."""
-    allocator = module.allocator
+    allocator: Any = module.allocator
     reference = bool(allocator.options.get("reference", False))
     label = path or "<root>"
     if isinstance(allocator, KDGQAAllocator):
@@ -58,12 +58,14 @@ def fixed_kv_index(module: GroupedQueryAttention, path: str = "") -> Tensor:
             )
         from kdgqa.allocation import counts_to_kv_index
 
-        return counts_to_kv_index(allocator.counts, module.num_heads).cpu()
+        index: Tensor = counts_to_kv_index(cast(Tensor, allocator.counts), module.num_heads)
+        return index.cpu()
     if isinstance(allocator, PGQAAllocator) and reference:
         raise ExportError(
             f"cannot export {label!r}: reference PGQA adds noise at evaluation time"
         )
-    return allocator.static_kv_index.cpu()
+    static: Tensor = allocator.static_kv_index
+    return static.cpu()
 
 
 def _expanded(module: GroupedQueryAttention, kv_index: Tensor) -> dict[str, Tensor | None]:
