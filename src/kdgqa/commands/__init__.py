@@ -1,0 +1,1 @@
+"""Subcommands of the ``kdgqa`` CLI, one module each (see :mod:`kdgqa.cli`)."""
