@@ -1,0 +1,29 @@
+"""Shared tiny models for the conversion/checkpoint tests (kept small: 2 CPU cores)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=6, num_classes=5)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def tiny_hf_config(**overrides: object):  # type: ignore[no-untyped-def]
+    from transformers import ViTConfig
+
+    args: dict[str, object] = dict(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=96,
+        image_size=32, patch_size=8, num_labels=5,
+    )
+    args.update(overrides)
+    return ViTConfig(**args)
