@@ -7,10 +7,10 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import TINY_VIT, tiny_hf_config
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from conftest import TINY_VIT, tiny_hf_config
 from kdgqa.allocation import even_counts
 from kdgqa.attention import GroupedQueryAttention
 from kdgqa.convert import ConversionError, HFViTGroupedAttention, convert, pool_heads
