@@ -127,6 +127,8 @@ def measure(name: str, shape_name: str, args: argparse.Namespace) -> dict[str, o
     x = torch.randn(shape["batch"], shape["tokens"], dim, device="cuda", dtype=dtype)
     xg = x.clone().requires_grad_(True)
     grad = torch.randn_like(x)
+    if isinstance(module, kdgqa.GroupedQueryAttention):
+        module.expand_method = args.expand_method
     run = torch.compile(module, fullgraph=True) if args.compile else module
 
     def fwd() -> None:
@@ -146,6 +148,7 @@ def measure(name: str, shape_name: str, args: argparse.Namespace) -> dict[str, o
         "scheme": name,
         "dtype": "bfloat16",
         "compiled": args.compile,
+        "expand_method": args.expand_method,
         "fwd_ms": round(time_ms(fwd, args.iters, args.warmup), 4),
         "fwd_bwd_ms": round(time_ms(fwd_bwd, args.iters, args.warmup), 4),
         "torch": torch.__version__,
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemes", nargs="+", default=[*SCHEMES, *LOOP_KINDS],
                         choices=[*SCHEMES, *LOOP_KINDS])
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True)")
+    parser.add_argument("--expand-method", default="index_select",
+                        choices=["index_select", "advanced_index", "gather"])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, help="also write the JSON list here")

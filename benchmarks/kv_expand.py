@@ -1,7 +1,8 @@
 """Which way of serving uneven groups is fastest? Attention-op level, fwd+bwd, bf16.
 
-Compares, at one shape: SDPA's native ``enable_gqa`` (uniform groups only), K/V expanded by
-``index_select`` (what kdgqa uses), by ``gather``, and by a one-hot matmul. Prints JSON.
+K/V arrive token-major ``(B, N, 2G, D)`` as the fused projection makes them. Compares SDPA's
+native ``enable_gqa`` (uniform groups only) with K/V expanded to one head per query head by
+each method of ``kdgqa.ops.expand_kv``, on a uniform and an uneven map. Prints JSON.
 
     python benchmarks/kv_expand.py --out benchmarks/results/kv_expand_h200.json
 """
@@ -11,70 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from attention import SHAPES, time_ms
 from kdgqa.allocation import counts_to_kv_index
+from kdgqa.ops import grouped_attention
 
-
-def native(q: Tensor, k: Tensor, v: Tensor, index: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-
-def by_index_select(q: Tensor, k: Tensor, v: Tensor, index: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k.index_select(1, index), v.index_select(1, index))
-
-
-def by_stacked_index_select(q: Tensor, k: Tensor, v: Tensor, index: Tensor) -> Tensor:
-    kv = torch.stack((k, v), 1).index_select(2, index)
-    return F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1])
-
-
-def by_gather(q: Tensor, k: Tensor, v: Tensor, index: Tensor) -> Tensor:
-    idx = index[None, :, None, None].expand(q.shape[0], -1, q.shape[2], q.shape[3])
-    return F.scaled_dot_product_attention(q, k.gather(1, idx), v.gather(1, idx))
-
-
-def by_one_hot(q: Tensor, k: Tensor, v: Tensor, index: Tensor) -> Tensor:
-    onehot = F.one_hot(index, k.shape[1]).to(k.dtype)
-    ke = torch.einsum("hg,bgnd->bhnd", onehot, k)
-    ve = torch.einsum("hg,bgnd->bhnd", onehot, v)
-    return F.scaled_dot_product_attention(q, ke, ve)
-
-
-def time_variant(
-    fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
-    qkv: tuple[Tensor, Tensor, Tensor],
-    index: Tensor,
-    grad: Tensor,
-    args: argparse.Namespace,
-) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of one variant."""
-
-    def fwd() -> None:
-        with torch.no_grad():
-            fn(*qkv, index)
-
-    def fwd_bwd() -> None:
-        for t in qkv:
-            t.grad = None
-        fn(*qkv, index).backward(grad)
-
-    return time_ms(fwd, args.iters, args.warmup), time_ms(fwd_bwd, args.iters, args.warmup)
-
-
-VARIANTS = {
-    "sdpa_enable_gqa_uniform": native,
-    "index_select": by_index_select,
-    "stacked_index_select": by_stacked_index_select,
-    "gather": by_gather,
-    "one_hot_matmul": by_one_hot,
-}
+VARIANTS = ("native_enable_gqa", "index_select", "advanced_index", "gather")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,26 +37,40 @@ def main(argv: list[str] | None = None) -> int:
     for shape_name in args.shapes:
         s = SHAPES[shape_name]
         b, n, h, g, d = s["batch"], s["tokens"], s["heads"], s["kv_heads"], s["head_dim"]
-        opts = {"device": "cuda", "dtype": torch.bfloat16, "requires_grad": True}
-        q = torch.randn(b, h, n, d, **opts)
-        k = torch.randn(b, g, n, d, **opts)
-        v = torch.randn(b, g, n, d, **opts)
+        qkv = torch.randn(b, n, h + 2 * g, d, device="cuda", dtype=torch.bfloat16,
+                          requires_grad=True)
         grad = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
-        uneven = torch.tensor([1] + [h // g] * (g - 2) + [h // g + 1] * 1, device="cuda")
-        uneven[-1] += h - int(uneven.sum())
+        uneven = torch.full((g,), h // g, device="cuda")
+        uneven[0], uneven[-1] = 1, h // g + (h // g - 1)
         maps = {
             "uniform": torch.arange(h, device="cuda") // (h // g),
             "uneven": counts_to_kv_index(uneven, h),
         }
-        for variant, fn in VARIANTS.items():
+        for variant in VARIANTS:
             for map_name, index in maps.items():
-                if variant.endswith("_uniform") and map_name != "uniform":
+                native = variant == "native_enable_gqa"
+                if native and map_name != "uniform":
                     continue
-                fwd_ms, fwd_bwd_ms = time_variant(fn, (q, k, v), index, grad, args)
+                method = "index_select" if native else variant
+
+                def call(index=index, native=native, method=method, qkv=qkv, h=h, g=g):  # type: ignore[no-untyped-def]  # noqa: E501
+                    q, kv = qkv.split([h, 2 * g], dim=2)
+                    return grouped_attention(q.transpose(1, 2), kv, index, uniform=native,
+                                             expand_method=method)
+
+                def fwd(call=call) -> None:  # type: ignore[no-untyped-def]
+                    with torch.no_grad():
+                        call()
+
+                def fwd_bwd(call=call, qkv=qkv, grad=grad) -> None:  # type: ignore[no-untyped-def]
+                    qkv.grad = None
+                    call().backward(grad)
+
                 rec = {
                     "device": torch.cuda.get_device_name(), "shape": shape_name, **s,
                     "variant": variant, "map": map_name,
-                    "fwd_ms": round(fwd_ms, 4), "fwd_bwd_ms": round(fwd_bwd_ms, 4),
+                    "fwd_ms": round(time_ms(fwd, args.iters, args.warmup), 4),
+                    "fwd_bwd_ms": round(time_ms(fwd_bwd, args.iters, args.warmup), 4),
                 }
                 print(json.dumps(rec), file=sys.stderr, flush=True)
                 records.append(rec)

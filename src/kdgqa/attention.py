@@ -81,6 +81,8 @@ class GroupedQueryAttention(nn.Module):
         self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.last_kv_index: Tensor | None = None
+        #: How uneven maps expand K/V (see ``kdgqa.ops.expand_kv``); kept for benchmarking.
+        self.expand_method = "index_select"
 
     @property
     def scheme_options(self) -> dict[str, Any]:
@@ -92,16 +94,17 @@ class GroupedQueryAttention(nn.Module):
     ) -> Tensor:
         batch, tokens, _ = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv(x).view(batch, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-        q = qkv[:, :heads]
-        kv = qkv[:, heads:].unflatten(1, (2, kv_heads))
-        kv_index = self.allocator(kv[:, 0])
+        qkv = self.qkv(x).view(batch, tokens, heads + 2 * kv_heads, head_dim)
+        # One split (not three slices) so backward assembles the qkv gradient with one cat.
+        q, kv = qkv.split([heads, 2 * kv_heads], dim=2)
+        kv_index = self.allocator(kv[:, :, :kv_heads].transpose(1, 2))
         out = grouped_attention(
-            q, kv, kv_index,
+            q.transpose(1, 2), kv, kv_index,
             uniform=self.allocator.uniform,
             attn_mask=attn_mask,
             dropout_p=self.attn_drop if self.training else 0.0,
             is_causal=is_causal,
+            expand_method=self.expand_method,
         )
         out = self.allocator.perturb(out, kv_index)
         self.last_kv_index = kv_index.detach()

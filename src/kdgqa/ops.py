@@ -28,17 +28,28 @@ def native_gqa_is_fused(q: Tensor, attn_mask: Tensor | None) -> bool:
     return q.is_cuda and q.dtype in _HALF_DTYPES and attn_mask is None
 
 
-def expand_kv(kv: Tensor, kv_index: Tensor) -> Tensor:
-    """Give every query head its own K and V: ``(B, 2, G, N, D) -> (B, 2, H, N, D)``.
+def expand_kv(kv: Tensor, kv_index: Tensor, method: str = "index_select") -> Tensor:
+    """Give every query head its own K and V: ``(B, N, 2G, D) -> (B, N, 2H, D)``.
 
-    K and V are stacked on dim 1 so both are served by one gather (one kernel forward, one
-    in backward). ``kv_index`` is ``(H,)`` (shared by the batch) or ``(B, H)`` (per input).
+    ``kv`` is token-major, as the fused projection produces it (K heads then V heads), so each
+    gathered unit is one contiguous head vector and both K and V are served by one kernel
+    forward and one backward. ``kv_index`` is ``(H,)`` (shared by the batch) or ``(B, H)``
+    (one map per input). ``method`` exists for benchmarking the alternatives.
     """
-    if kv_index.dim() == 1:
-        return kv.index_select(2, kv_index)
-    batch, pair, _, tokens, dim = kv.shape
-    index = kv_index[:, None, :, None, None].expand(batch, pair, kv_index.shape[1], tokens, dim)
-    return kv.gather(2, index)
+    batch, tokens, double_kv, dim = kv.shape
+    pairs = kv.unflatten(2, (2, double_kv // 2))
+    heads = kv_index.shape[-1]
+    if kv_index.dim() == 2:
+        index = kv_index[:, None, None, :, None].expand(batch, tokens, 2, heads, dim)
+        return pairs.gather(3, index).flatten(2, 3)
+    if method == "index_select":
+        return pairs.index_select(3, kv_index).flatten(2, 3)
+    if method == "advanced_index":
+        return pairs[:, :, :, kv_index].flatten(2, 3)
+    if method == "gather":
+        index = kv_index[None, None, None, :, None].expand(batch, tokens, 2, heads, dim)
+        return pairs.gather(3, index).flatten(2, 3)
+    raise ValueError(f"unknown expand method {method!r}; valid: index_select, advanced_index, gather")
 
 
 def grouped_attention(
@@ -50,21 +61,21 @@ def grouped_attention(
     attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
+    expand_method: str = "index_select",
 ) -> Tensor:
     """Attention where query head ``h`` reads KV head ``kv_index[h]``.
 
-    ``q`` is ``(B, H, N, D)`` and ``kv`` is K and V stacked, ``(B, 2, G, N, D)``. ``uniform``
-    promises that ``kv_index`` is ``arange(H) // (H // G)``, the layout SDPA's native GQA
-    assumes; without it the map is read from ``kv_index`` on the device.
+    ``q`` is ``(B, H, N, D)``; ``kv`` is K heads then V heads, token-major ``(B, N, 2G, D)``.
+    ``uniform`` promises that ``kv_index`` is ``arange(H) // (H // G)``, the layout SDPA's
+    native GQA assumes; without it the map is read from ``kv_index`` on the device.
+    Returns ``(B, H, N, D)``.
     """
-    num_heads, num_kv_heads = q.shape[1], kv.shape[2]
-    sdpa = F.scaled_dot_product_attention
-    if uniform and num_kv_heads == num_heads:
-        return sdpa(q, kv[:, 0], kv[:, 1], attn_mask=attn_mask, dropout_p=dropout_p,
-                    is_causal=is_causal)
-    if uniform and native_gqa_is_fused(q, attn_mask):
-        return sdpa(q, kv[:, 0], kv[:, 1], attn_mask=attn_mask, dropout_p=dropout_p,
-                    is_causal=is_causal, enable_gqa=True)
-    expanded = expand_kv(kv, kv_index)
-    return sdpa(q, expanded[:, 0], expanded[:, 1], attn_mask=attn_mask, dropout_p=dropout_p,
-                is_causal=is_causal)
+    num_heads, num_kv_heads = q.shape[1], kv.shape[2] // 2
+    options = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal}
+    if uniform and (num_kv_heads == num_heads or native_gqa_is_fused(q, attn_mask)):
+        k, v = kv.transpose(1, 2).chunk(2, dim=1)
+        if num_kv_heads == num_heads:
+            return F.scaled_dot_product_attention(q, k, v, **options)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **options)
+    k, v = expand_kv(kv, kv_index, expand_method).transpose(1, 2).chunk(2, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, **options)

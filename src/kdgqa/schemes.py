@@ -144,16 +144,15 @@ class PGQAAllocator(GQAAllocator):
     def perturb(self, out: Tensor, kv_index: Tensor) -> Tensor:
         if not (self.training or self.options["reference"]):
             return out
-        batch, heads, tokens, dim = out.shape
-        flat = out.reshape(batch, heads, tokens * dim)
+        _, heads, tokens, dim = out.shape
         noise = torch.rand(heads, tokens * dim, device=out.device)
         width = min(self.off_diagonal.shape[1], tokens * dim)
         noise[:, :width].mul_(self.off_diagonal[:, :width])
         noise_std, noise_mean = torch.std_mean(noise, dim=-1, keepdim=True)
-        unit = ((noise - noise_mean) / noise_std.clamp_min(torch.finfo(noise.dtype).tiny))
-        row_std, row_mean = torch.std_mean(flat, dim=-1, keepdim=True)
-        perturbed = flat - torch.addcmul(row_mean, unit.to(out.dtype), row_std)
-        return perturbed.view(batch, heads, tokens, dim)
+        unit = (noise - noise_mean) / noise_std.clamp_min(torch.finfo(noise.dtype).tiny)
+        # Statistics over (tokens, head_dim) without reshaping, so no layout copy is made.
+        row_std, row_mean = torch.std_mean(out, dim=(2, 3), keepdim=True)
+        return out - torch.addcmul(row_mean, unit.view(heads, tokens, dim).to(out.dtype), row_std)
 
 
 class KeyDrivenAllocator(QueryAllocator):
