@@ -43,7 +43,6 @@ def test_pth_file_with_sidecar_config(tmp_path: Path, images: torch.Tensor) -> N
     (tmp_path / "config.json").write_text(json.dumps(
         {"architecture": "vit_tiny_patch16_224", "model_args": TINY_VIT}))
     assert _same(model, load_model(str(tmp_path / "w.pth")), images)
-    assert _same(model, load_model(str(tmp_path / "w.pth")), images)
 
 
 class Evil:
