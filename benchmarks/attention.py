@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemes", nargs="+", default=[*SCHEMES, *LOOP_KINDS],
                         choices=[*SCHEMES, *LOOP_KINDS])
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True)")
-    parser.add_argument("--expand-method", default="index_select",
-                        choices=["index_select", "advanced_index", "gather"])
+    parser.add_argument("--expand-method", default="auto",
+                        choices=["auto", "triton", "index_select", "advanced_index", "gather"])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, help="also write the JSON list here")

@@ -20,7 +20,7 @@ from attention import SHAPES, time_ms
 from kdgqa.allocation import counts_to_kv_index
 from kdgqa.ops import grouped_attention
 
-VARIANTS = ("native_enable_gqa", "index_select", "advanced_index", "gather")
+VARIANTS = ("native_enable_gqa", "triton", "index_select", "advanced_index", "gather")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 method = "index_select" if native else variant
 
-                def call(index=index, native=native, method=method, qkv=qkv, h=h, g=g):  # type: ignore[no-untyped-def]  # noqa: E501
+                def call(index=index, native=native, method=method, qkv=qkv, h=h, g=g):  # type: ignore[no-untyped-def]
                     q, kv = qkv.split([h, 2 * g], dim=2)
                     return grouped_attention(q.transpose(1, 2), kv, index, uniform=native,
                                              expand_method=method)

@@ -82,7 +82,7 @@ class GroupedQueryAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.last_kv_index: Tensor | None = None
         #: How uneven maps expand K/V (see ``kdgqa.ops.expand_kv``); kept for benchmarking.
-        self.expand_method = "index_select"
+        self.expand_method = "auto"
 
     @property
     def scheme_options(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-__all__ = ["apportion_triton", "triton_available"]
+__all__ = ["apportion_triton", "expand_heads_triton", "triton_available"]
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None and hasattr(torch.library, "triton_op")
 
@@ -73,6 +73,92 @@ if _HAS_TRITON:
         kv = tl.sum(past.to(tl.int32), 1)
         tl.store(index_ptr + row * num_heads + h, kv.to(tl.int64), mask=h < num_heads)
 
+    @triton.jit
+    def _expand_fwd_kernel(
+        src_ptr, index_ptr, out_ptr,
+        rows, tokens, src_row_stride, index_batch_stride,
+        OUT_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_OUT: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    ):
+        j = tl.arange(0, BLOCK_OUT)
+        d = tl.arange(0, BLOCK_D)
+        mask = (j < OUT_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+        for i in range(ROWS_PER_PROGRAM):
+            r = tl.program_id(0) * ROWS_PER_PROGRAM + i
+            live = mask & (r < rows)
+            src = tl.load(index_ptr + (r // tokens) * index_batch_stride + j,
+                          mask=j < OUT_HEADS, other=0)
+            vals = tl.load(src_ptr + r.to(tl.int64) * src_row_stride
+                           + src[:, None] * HEAD_DIM + d[None, :], mask=live)
+            tl.store(out_ptr + r.to(tl.int64) * (OUT_HEADS * HEAD_DIM)
+                     + j[:, None] * HEAD_DIM + d[None, :], vals, mask=live)
+
+    @triton.jit
+    def _expand_bwd_kernel(
+        grad_ptr, index_ptr, dsrc_ptr,
+        rows, tokens, index_batch_stride,
+        OUT_HEADS: tl.constexpr, IN_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_OUT: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    ):
+        j = tl.arange(0, BLOCK_OUT)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HEAD_DIM
+        mask = (j < OUT_HEADS)[:, None] & dmask[None, :]
+        for i in range(ROWS_PER_PROGRAM):
+            r = tl.program_id(0) * ROWS_PER_PROGRAM + i
+            src = tl.load(index_ptr + (r // tokens) * index_batch_stride + j,
+                          mask=j < OUT_HEADS, other=-1)
+            grad = tl.load(grad_ptr + r.to(tl.int64) * (OUT_HEADS * HEAD_DIM)
+                           + j[:, None] * HEAD_DIM + d[None, :],
+                           mask=mask & (r < rows), other=0.0).to(tl.float32)
+            for s in tl.static_range(IN_HEADS):
+                total = tl.sum(tl.where((src == s)[:, None], grad, 0.0), axis=0)
+                tl.store(dsrc_ptr + r.to(tl.int64) * (IN_HEADS * HEAD_DIM) + s * HEAD_DIM + d,
+                         total.to(dsrc_ptr.dtype.element_ty), mask=dmask & (r < rows))
+
+    _ROWS_PER_PROGRAM = 4
+
+    @triton_op("kdgqa::expand_heads", mutates_args=())
+    def _expand_heads_op(src: Tensor, index: Tensor) -> Tensor:
+        batch, tokens, _, dim = src.shape
+        out_heads = index.shape[1]
+        out = src.new_empty((batch, tokens, out_heads, dim))
+        rows = batch * tokens
+        grid = (triton.cdiv(rows, _ROWS_PER_PROGRAM),)
+        wrap_triton(_expand_fwd_kernel)[grid](
+            src, index, out, rows, tokens, src.stride(1),
+            index.stride(0) if index.shape[0] > 1 else 0,
+            OUT_HEADS=out_heads, HEAD_DIM=dim,
+            BLOCK_OUT=triton.next_power_of_2(out_heads), BLOCK_D=triton.next_power_of_2(dim),
+            ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM,
+        )
+        return out
+
+    @triton_op("kdgqa::expand_heads_backward", mutates_args=())
+    def _expand_heads_backward_op(grad: Tensor, index: Tensor, in_heads: int) -> Tensor:
+        batch, tokens, out_heads, dim = grad.shape
+        dsrc = grad.new_empty((batch, tokens, in_heads, dim))
+        rows = batch * tokens
+        grid = (triton.cdiv(rows, _ROWS_PER_PROGRAM),)
+        wrap_triton(_expand_bwd_kernel)[grid](
+            grad, index, dsrc, rows, tokens, index.stride(0) if index.shape[0] > 1 else 0,
+            OUT_HEADS=out_heads, IN_HEADS=in_heads, HEAD_DIM=dim,
+            BLOCK_OUT=triton.next_power_of_2(out_heads), BLOCK_D=triton.next_power_of_2(dim),
+            ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM,
+        )
+        return dsrc
+
+    def _expand_setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        src, index = inputs
+        ctx.save_for_backward(index)
+        ctx.in_heads = src.shape[2]
+
+    def _expand_backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (index,) = ctx.saved_tensors
+        return _expand_heads_backward_op(grad.contiguous(), index, ctx.in_heads), None
+
+    _expand_heads_op.register_autograd(_expand_backward, setup_context=_expand_setup_context)
+
     @triton_op("kdgqa::apportion", mutates_args=())
     def _apportion_op(
         scores: Tensor, num_heads: int, min_queries: int, reduce_rows: bool
@@ -101,3 +187,18 @@ def apportion_triton(
     if not _HAS_TRITON:
         raise RuntimeError("the fused allocation kernel needs triton and torch >= 2.6")
     return _apportion_op(scores.contiguous(), num_heads, min_queries, reduce_rows)
+
+
+def expand_heads_triton(src: Tensor, index: Tensor) -> Tensor:
+    """``out[b, n, j] = src[b, n, index[b or 0, j]]`` for token-major heads, with autograd.
+
+    ``src`` is ``(B, N, S, D)`` with contiguous head vectors (a view into a fused projection
+    is fine), ``index`` is ``(1 or B, J)`` int64. The backward sums each output head's
+    gradient into its source head per token, in registers, without atomics.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError("the fused expansion kernel needs triton and torch >= 2.6")
+    batch, tokens, heads, dim = src.shape
+    if src.stride(3) != 1 or src.stride(2) != dim or src.stride(0) != tokens * src.stride(1):
+        src = src.contiguous()
+    return _expand_heads_op(src, index.contiguous())
