@@ -98,23 +98,29 @@ if _HAS_TRITON:
         grad_ptr, index_ptr, dsrc_ptr,
         rows, tokens, index_batch_stride,
         OUT_HEADS: tl.constexpr, IN_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_OUT: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+        BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_D: tl.constexpr,
+        ROWS_PER_PROGRAM: tl.constexpr,
     ):
+        # Per token: dsrc (IN, D) = one_hot(index)^T (IN, OUT) @ grad (OUT, D), on tensor
+        # cores with an fp32 accumulator; the one-hot entries are exact in bf16/fp16.
         j = tl.arange(0, BLOCK_OUT)
+        s = tl.arange(0, BLOCK_IN)
         d = tl.arange(0, BLOCK_D)
         dmask = d < HEAD_DIM
-        mask = (j < OUT_HEADS)[:, None] & dmask[None, :]
         for i in range(ROWS_PER_PROGRAM):
             r = tl.program_id(0) * ROWS_PER_PROGRAM + i
+            live = r < rows
             src = tl.load(index_ptr + (r // tokens) * index_batch_stride + j,
                           mask=j < OUT_HEADS, other=-1)
             grad = tl.load(grad_ptr + r.to(tl.int64) * (OUT_HEADS * HEAD_DIM)
                            + j[:, None] * HEAD_DIM + d[None, :],
-                           mask=mask & (r < rows), other=0.0).to(tl.float32)
-            for s in tl.static_range(IN_HEADS):
-                total = tl.sum(tl.where((src == s)[:, None], grad, 0.0), axis=0)
-                tl.store(dsrc_ptr + r.to(tl.int64) * (IN_HEADS * HEAD_DIM) + s * HEAD_DIM + d,
-                         total.to(dsrc_ptr.dtype.element_ty), mask=dmask & (r < rows))
+                           mask=(j < OUT_HEADS)[:, None] & dmask[None, :] & live, other=0.0)
+            one_hot = (src[None, :] == s[:, None]).to(grad.dtype)
+            total = tl.dot(one_hot, grad, out_dtype=tl.float32)
+            tl.store(dsrc_ptr + r.to(tl.int64) * (IN_HEADS * HEAD_DIM)
+                     + s[:, None] * HEAD_DIM + d[None, :],
+                     total.to(dsrc_ptr.dtype.element_ty),
+                     mask=(s < IN_HEADS)[:, None] & dmask[None, :] & live)
 
     _ROWS_PER_PROGRAM = 4
 
@@ -143,7 +149,9 @@ if _HAS_TRITON:
         wrap_triton(_expand_bwd_kernel)[grid](
             grad, index, dsrc, rows, tokens, index.stride(0) if index.shape[0] > 1 else 0,
             OUT_HEADS=out_heads, IN_HEADS=in_heads, HEAD_DIM=dim,
-            BLOCK_OUT=triton.next_power_of_2(out_heads), BLOCK_D=triton.next_power_of_2(dim),
+            BLOCK_OUT=max(triton.next_power_of_2(out_heads), 16),
+            BLOCK_IN=max(triton.next_power_of_2(in_heads), 16),
+            BLOCK_D=max(triton.next_power_of_2(dim), 16),
             ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM,
         )
         return dsrc
@@ -198,7 +206,7 @@ def expand_heads_triton(src: Tensor, index: Tensor) -> Tensor:
     """
     if not _HAS_TRITON:
         raise RuntimeError("the fused expansion kernel needs triton and torch >= 2.6")
-    batch, tokens, heads, dim = src.shape
+    _, tokens, _, dim = src.shape
     if src.stride(3) != 1 or src.stride(2) != dim or src.stride(0) != tokens * src.stride(1):
         src = src.contiguous()
     return _expand_heads_op(src, index.contiguous())
