@@ -16,7 +16,7 @@ from typing import NoReturn
 
 __all__ = ["COMMANDS", "CommandError", "build_parser", "main"]
 
-COMMANDS: tuple[str, ...] = ("kdgqa.commands.convert",)
+COMMANDS: tuple[str, ...] = ("kdgqa.commands.convert", "kdgqa.commands.experiment")
 
 
 class CommandError(Exception):

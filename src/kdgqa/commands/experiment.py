@@ -1,0 +1,69 @@
+"""``kdgqa experiment [CONFIG.yaml]``: run a study (pretrain, convert, uptrain, evaluate, report).
+
+Without a config it runs the embedded digits study. The same command works under
+``torchrun --nproc_per_node N``. Bad input fails with one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "experiment"
+HELP = "run a study: MHA pretraining, then scheme x KV heads x seeds, then a report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None,
+                        help="YAML config (default: the embedded digits study)")
+    parser.add_argument("--output-dir", "-o", default=None, help="override output_dir")
+    parser.add_argument("--device", default=None, help="override device (auto, cpu, cuda)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the study in output_dir from its last checkpoints")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, print the plan and exit without training")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdgqa.config import describe_plan, load_config, validate
+    from kdgqa.experiment import preflight, run_experiment
+
+    config = load_config(args.config)
+    if args.output_dir is not None:
+        config.output_dir = args.output_dir
+    if args.device is not None:
+        config.device = args.device
+    if args.no_progress:
+        config.progress = False
+    validate(config)
+    if args.dry_run:
+        preflight(config, resume=args.resume)
+        print(describe_plan(config))
+        return 0
+
+    from kdgqa.distributed import init_distributed, shutdown_distributed
+    from kdgqa.train import TrainingDiverged
+
+    ctx = init_distributed(config.device)
+    try:
+        run_experiment(config, resume=args.resume, ctx=ctx,
+                       log=lambda m: print(m, flush=True))
+    except TrainingDiverged as error:
+        # Not an input error: the run started and failed, so status 1, still one line.
+        print(f"kdgqa: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed(ctx)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m kdgqa.commands.experiment``), same errors as the CLI."""
+    from kdgqa.cli import main as cli_main
+
+    return cli_main([NAME, *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""A whole study: pretrain MHA once, then convert -> uptrain -> evaluate every grid cell.
+
+Everything is checked before the output directory is created (config, dataset layout, KV
+heads against the model), so a bad study leaves nothing behind. Results are appended to
+``results.jsonl`` one run at a time, so an interrupted study resumes where it stopped
+(``resume=True``): finished runs are skipped, the run in progress continues from its last
+checkpoint. The report (``kdgqa.report``) is rebuilt from those files at the end.
+
+Run layout::
+
+    OUT/config.yaml  meta.json  results.jsonl  allocation.jsonl  history.jsonl
+    OUT/pretrain/    (training checkpoints, model/ as kdgqa.checkpoint.save_pretrained)
+    OUT/runs/<scheme>-g<G>-s<seed>/   (checkpoint.pt, best.pt)
+    OUT/report.md  summary.csv  runs.csv  *.png
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from kdgqa.attention import GroupedQueryAttention
+from kdgqa.config import ConfigError, ExperimentConfig, config_to_dict
+from kdgqa.data import Augment, Batches, DataSplits, check_dataset, load_splits
+from kdgqa.distributed import DistContext, broadcast_object, resolve_device
+from kdgqa.train import TrainResult, evaluate, train
+
+__all__ = [
+    "RunSpec",
+    "environment",
+    "grid_runs",
+    "kv_cache_bytes_per_token",
+    "preflight",
+    "run_experiment",
+]
+
+RESULTS = "results.jsonl"
+ALLOCATION = "allocation.jsonl"
+HISTORY = "history.jsonl"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One grid cell: a scheme at a KV-head count with a seed."""
+
+    scheme: str
+    kv_heads: int
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.scheme}-g{self.kv_heads}-s{self.seed}"
+
+
+def grid_runs(config: ExperimentConfig, num_heads: int) -> list[RunSpec]:
+    """Runs in execution order: MHA references first (when asked), then seeds innermost."""
+    g = config.grid
+    runs = [RunSpec("mha", num_heads, s) for s in g.seeds] if g.include_mha else []
+    runs += [RunSpec(scheme, kv, seed) for kv in g.kv_heads for scheme in g.schemes
+             for seed in g.seeds]
+    return runs
+
+
+def kv_cache_bytes_per_token(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """K and V bytes one token occupies in an inference cache, summed over layers."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, GroupedQueryAttention):
+            total += module.kv_cache_bytes_per_token(dtype)
+        elif hasattr(module, "qkv") and hasattr(module, "num_heads") and hasattr(
+            module, "head_dim"
+        ):
+            heads: Any = module.num_heads
+            head_dim: Any = module.head_dim
+            total += 2 * int(heads) * int(head_dim) * size
+    return total
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and the git commit of the code that ran, for every result row."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("kdgqa", "timm", "torchvision", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    commit = "unknown"
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        if out.returncode == 0:
+            commit = out.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
+                                   capture_output=True, text=True, timeout=5, check=False)
+            if dirty.stdout.strip():
+                commit += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"versions": versions, "commit": commit}
+
+
+def _model_heads(model: nn.Module) -> int:
+    for module in model.modules():
+        heads = getattr(module, "num_heads", None)
+        if isinstance(heads, int) and hasattr(module, "qkv"):
+            return heads
+    raise ConfigError("the model has no timm-style attention module (qkv + num_heads)")
+
+
+def _build_base(config: ExperimentConfig, channels: int, num_classes: int) -> nn.Module:
+    """The MHA starting point: a fresh timm ViT, or the configured pretrained source."""
+    m = config.model
+    if m.pretrained:
+        from kdgqa.sources import load_model
+
+        model = load_model(m.pretrained)
+        reset = getattr(model, "reset_classifier", None)
+        if reset is not None and getattr(model, "num_classes", num_classes) != num_classes:
+            reset(num_classes)
+        return model
+    from kdgqa.sources import create_timm_vit
+
+    return create_timm_vit(
+        img_size=config.data.image_size, patch_size=m.patch_size, in_chans=channels,
+        num_classes=num_classes, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate,
+    )
+
+
+def preflight(config: ExperimentConfig, resume: bool = False) -> None:
+    """Everything that can fail cheaply, before any output exists.
+
+    Raises ``ConfigError`` (``DatasetError`` is one) with a single-line message.
+    """
+    check_dataset(config.data)
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {str(out)!r} exists and is not a directory")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"output_dir {str(out)!r} is not empty; pass --resume to continue "
+                          "that study or choose another output_dir")
+    if config.model.pretrained:
+        from kdgqa.schemes import build_allocator
+        from kdgqa.sources import load_model
+
+        heads = _model_heads(load_model(config.model.pretrained))
+        for kv in config.grid.kv_heads:
+            for scheme in config.grid.schemes:
+                try:
+                    build_allocator(scheme, heads, kv,
+                                    **config.grid.scheme_options.get(scheme, {}))
+                except ValueError as exc:
+                    raise ConfigError(f"grid cell {scheme} G={kv} does not fit the pretrained "
+                                      f"model ({heads} heads): {exc}") from None
+
+
+def _done_runs(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    done = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            done.add(json.loads(line)["run_id"])
+    return done
+
+
+def _append(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def _batches(config: ExperimentConfig, splits: DataSplits, batch_size: int, seed: int,
+             ctx: DistContext) -> tuple[Batches, Batches, Batches]:
+    d = config.data
+    common: dict[str, Any] = {"image_size": d.image_size, "mean": d.mean, "std": d.std,
+              "rank": ctx.rank, "world_size": ctx.world_size}
+    eval_batch = max(batch_size, 256 // ctx.world_size * ctx.world_size)
+    train_b = Batches(splits.train, batch_size, augment=Augment.from_config(d), seed=seed,
+                      **common)
+    val_b = Batches(splits.val, eval_batch, shuffle=False, drop_last=False, **common)
+    test_b = Batches(splits.test, eval_batch, shuffle=False, drop_last=False, **common)
+    return train_b, val_b, test_b
+
+
+def _log_fn(ctx: DistContext, log: Callable[[str], None] | None) -> Callable[[str], None]:
+    def emit(message: str) -> None:
+        if ctx.is_main and log is not None:
+            log(message)
+
+    return emit
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    resume: bool = False,
+    ctx: DistContext | None = None,
+    log: Callable[[str], None] | None = print,
+) -> Path:
+    """Run the study described by ``config``; return the output directory.
+
+    Under ``torchrun`` every rank calls this with the same config; rank 0 writes the files.
+    """
+    from kdgqa.convert import convert
+    from kdgqa.report import write_report
+
+    ctx = ctx or DistContext(device=resolve_device(config.device))
+    emit = _log_fn(ctx, log)
+    preflight(config, resume=resume)
+    out = Path(config.output_dir)
+    started = time.perf_counter()
+    splits = load_splits(config.data, seed=config.seed).to(ctx.device)
+    emit(f"data: {splits.name}, {len(splits.train)} train / {len(splits.val)} val / "
+         f"{len(splits.test)} test images, {splits.num_classes} classes "
+         f"({time.perf_counter() - started:.1f} s)")
+    ctx.barrier()
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        env = environment()
+        meta = {**env, "device": str(ctx.device), "world_size": ctx.world_size,
+                "name": config.name}
+        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    env = broadcast_object(environment() if ctx.is_main else None, ctx)
+    ctx.barrier()
+
+    # 1. The MHA starting point.
+    torch.manual_seed(config.seed)
+    base = _build_base(config, splits.channels, splits.num_classes).to(ctx.device)
+    pre_dir = out / "pretrain"
+    if config.pretrain is not None:
+        model_dir = pre_dir / "model"
+        if resume and (model_dir / "kdgqa_config.json").is_file():
+            from kdgqa.checkpoint import load
+
+            base = load(model_dir).to(ctx.device)
+            emit(f"pretrain: reusing {model_dir}")
+        else:
+            tb, vb, teb = _batches(config, splits, config.pretrain.batch_size, config.seed, ctx)
+            res = train(base, tb, vb, config.pretrain, run_dir=pre_dir, resume=resume,
+                        progress=config.progress, desc="pretrain MHA", ctx=ctx)
+            test = evaluate(base, teb, amp=config.pretrain.amp, ctx=ctx)
+            emit(f"pretrain: best val acc {res.best_val_acc:.4f}, test acc {test['acc']:.4f}, "
+                 f"{res.images_per_s:.0f} img/s, {res.train_seconds:.1f} s")
+            if ctx.is_main:
+                from kdgqa.checkpoint import save_pretrained
+
+                _append(out / HISTORY, [{"run_id": "pretrain", **h} for h in res.history])
+                save_pretrained(base, model_dir)
+                (pre_dir / "checkpoint.pt").unlink(missing_ok=True)
+            ctx.barrier()
+    heads = _model_heads(base)
+
+    # 2. The grid.
+    done = _done_runs(out / RESULTS)
+    runs = grid_runs(config, heads)
+    for index, spec in enumerate(runs):
+        if spec.run_id in done:
+            continue
+        run_dir = out / "runs" / spec.run_id
+        torch.manual_seed(spec.seed)
+        model = copy.deepcopy(base)
+        options = config.grid.scheme_options.get(spec.scheme, {})
+        if spec.scheme != "mha":
+            convert(model, spec.scheme, spec.kv_heads, pooling=config.grid.pooling, **options)
+        model.to(ctx.device)
+        tb, vb, teb = _batches(config, splits, config.uptrain.batch_size, spec.seed, ctx)
+        converted = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
+        res = train(model, tb, vb, config.uptrain, run_dir=run_dir,
+                    resume=resume, progress=config.progress,
+                    desc=f"[{index + 1}/{len(runs)}] {spec.run_id}", ctx=ctx)
+        test = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
+        row = _result_row(spec, heads, model, res, converted, test, env, ctx)
+        emit(f"[{index + 1}/{len(runs)}] {spec.run_id}: test acc {test['acc']:.4f} "
+             f"(after conversion {converted['acc']:.4f}), {res.images_per_s:.0f} img/s")
+        if ctx.is_main:
+            _append(out / ALLOCATION, [{"run_id": spec.run_id, "scheme": spec.scheme,
+                                        "kv_heads": spec.kv_heads, "seed": spec.seed, **a}
+                                       for a in res.allocation])
+            _append(out / HISTORY, [{"run_id": spec.run_id, **h} for h in res.history])
+            _append(out / RESULTS, [row])
+            # The optimizer state is only needed to resume; best.pt keeps the weights.
+            (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+        ctx.barrier()
+
+    if ctx.is_main:
+        table = write_report(out)
+        emit(table)
+        emit(f"study finished in {time.perf_counter() - started:.1f} s; report: "
+             f"{out / 'report.md'}")
+    ctx.barrier()
+    return out
+
+
+def _result_row(spec: RunSpec, heads: int, model: nn.Module, res: TrainResult,
+                converted: dict[str, float], test: dict[str, float], env: dict[str, Any],
+                ctx: DistContext) -> dict[str, Any]:
+    return {
+        "run_id": spec.run_id, "scheme": spec.scheme, "kv_heads": spec.kv_heads,
+        "num_heads": heads, "seed": spec.seed,
+        "test_acc": test["acc"], "test_loss": test["loss"], "test_images": int(test["n"]),
+        "converted_test_acc": converted["acc"],
+        "best_val_acc": res.best_val_acc, "best_val_loss": res.best_val_loss,
+        "best_step": res.best_step, "steps": res.steps,
+        "params": sum(p.numel() for p in model.parameters()),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
+        "train_img_per_s": res.images_per_s, "train_seconds": res.train_seconds,
+        "world_size": ctx.world_size, "device": str(ctx.device),
+        "commit": env["commit"], **{f"version_{k}": v for k, v in env["versions"].items()},
+    }
