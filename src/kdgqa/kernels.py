@@ -156,12 +156,12 @@ if _HAS_TRITON:
         )
         return dsrc
 
-    def _expand_setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    def _expand_setup_context(ctx, inputs, output):
         src, index = inputs
         ctx.save_for_backward(index)
         ctx.in_heads = src.shape[2]
 
-    def _expand_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    def _expand_backward(ctx, grad):
         (index,) = ctx.saved_tensors
         return _expand_heads_backward_op(grad.contiguous(), index, ctx.in_heads), None
 

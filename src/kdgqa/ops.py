@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdgqa.kernels import expand_heads_triton, triton_available
+from kdgqa.kernels import expand_heads_triton
 
 __all__ = ["expand_kv", "grouped_attention", "native_gqa_is_fused"]
 
@@ -36,27 +36,28 @@ def expand_kv(kv: Tensor, kv_index: Tensor, method: str = "auto") -> Tensor:
     ``kv`` is token-major, as the fused projection produces it (K heads then V heads), so each
     gathered unit is one contiguous head vector and both K and V are served by one kernel
     forward and one backward. ``kv_index`` is ``(H,)`` (shared by the batch) or ``(B, H)``
-    (one map per input). ``method="auto"`` uses the fused Triton kernel on CUDA (measured
-    fastest on the H200) and ``index_select`` elsewhere; the others exist for benchmarking.
+    (one map per input). ``method="auto"`` is ``gather``: on the H200 it was the fastest with
+    ``triton`` (our fused kernel) at ViT shapes, and ``torch.compile`` fuses it natively
+    (``benchmarks/kv_expand.py``); ``index_select`` and ``advanced_index`` were slower.
     """
     batch, tokens, double_kv, dim = kv.shape
     heads = kv_index.shape[-1]
     if method == "auto":
-        method = "triton" if kv.is_cuda and triton_available() else "index_select"
+        method = "gather"
     if method == "triton":
         rows = kv_index if kv_index.dim() == 2 else kv_index[None]
         return expand_heads_triton(kv, torch.cat((rows, rows + double_kv // 2), dim=1))
     pairs = kv.unflatten(2, (2, double_kv // 2))
-    if kv_index.dim() == 2:
-        index = kv_index[:, None, None, :, None].expand(batch, tokens, 2, heads, dim)
+    if method == "gather":
+        rows = kv_index if kv_index.dim() == 2 else kv_index[None]
+        index = rows[:, None, None, :, None].expand(batch, tokens, 2, heads, dim)
         return pairs.gather(3, index).flatten(2, 3)
+    if kv_index.dim() == 2:
+        raise ValueError(f"expand method {method!r} supports only a (H,) map; use 'gather'")
     if method == "index_select":
         return pairs.index_select(3, kv_index).flatten(2, 3)
     if method == "advanced_index":
         return pairs[:, :, :, kv_index].flatten(2, 3)
-    if method == "gather":
-        index = kv_index[None, None, None, :, None].expand(batch, tokens, 2, heads, dim)
-        return pairs.gather(3, index).flatten(2, 3)
     raise ValueError(
         f"unknown expand method {method!r}; valid: auto, triton, index_select, advanced_index, "
         "gather"
@@ -82,11 +83,15 @@ def grouped_attention(
     Returns ``(B, H, N, D)``.
     """
     num_heads, num_kv_heads = q.shape[1], kv.shape[2] // 2
-    options = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal}
+
+    def sdpa(k: Tensor, v: Tensor, enable_gqa: bool = False) -> Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            enable_gqa=enable_gqa,
+        )
+
     if uniform and (num_kv_heads == num_heads or native_gqa_is_fused(q, attn_mask)):
         k, v = kv.transpose(1, 2).chunk(2, dim=1)
-        if num_kv_heads == num_heads:
-            return F.scaled_dot_product_attention(q, k, v, **options)
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **options)
+        return sdpa(k, v, enable_gqa=num_kv_heads != num_heads)
     k, v = expand_kv(kv, kv_index, expand_method).transpose(1, 2).chunk(2, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, **options)
+    return sdpa(k, v)

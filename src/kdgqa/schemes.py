@@ -44,6 +44,7 @@ class QueryAllocator(nn.Module):
     #: True when the map is fixed and every KV head serves H // G contiguous query heads,
     #: which lets the attention op use SDPA's native ``enable_gqa`` path.
     uniform: bool = True
+    static_kv_index: Tensor
 
     def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
         super().__init__()
@@ -133,6 +134,7 @@ class PGQAAllocator(GQAAllocator):
 
     name = "pgqa"
     option_defaults = MappingProxyType({"reference": False})
+    off_diagonal: Tensor
 
     def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
         super().__init__(num_heads, num_kv_heads, **options)
@@ -238,6 +240,11 @@ class DGQAAllocator(KeyDrivenAllocator):
     option_defaults = MappingProxyType(
         {"reference": False, "min_queries": 1, "window_size": 300, "beta": 0.9}
     )
+    step: Tensor
+    updates: Tensor
+    cache: Tensor
+    counts: Tensor
+    kv_index: Tensor
 
     def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
         super().__init__(num_heads, num_kv_heads, **options)

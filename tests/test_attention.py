@@ -1,0 +1,169 @@
+"""GroupedQueryAttention against a naive per-head implementation written here."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdgqa import GroupedQueryAttention, available_schemes
+
+DIM, HEADS = 48, 6
+KEY_DRIVEN = ("kdgqa", "dgqa-ema", "dgqa-diff")
+
+
+def naive_attention(
+    module: GroupedQueryAttention, x: Tensor, kv_index: Tensor, noise_seed: int | None,
+    causal: bool = False,
+) -> Tensor:
+    """softmax(q_h k_g^T / sqrt(d)) v_g for every query head h and g = kv_index[h]."""
+    batch, tokens, _ = x.shape
+    heads, kv_heads, dim = module.num_heads, module.num_kv_heads, module.head_dim
+    qkv = F.linear(x, module.qkv.weight, module.qkv.bias).view(batch, tokens, -1, dim)
+    q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
+    outs = []
+    for h in range(heads):
+        g = int(kv_index[h])
+        scores = q[:, :, h] @ k[:, :, g].transpose(1, 2) / dim**0.5
+        if causal:
+            mask = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+            scores = scores.masked_fill(~mask, float("-inf"))
+        outs.append(scores.softmax(-1) @ v[:, :, g])
+    out = torch.stack(outs, 1)  # (B, H, N, D)
+    if noise_seed is not None:
+        torch.manual_seed(noise_seed)
+        flat = out.reshape(batch, heads, -1)
+        noise = torch.rand(heads, tokens * dim)
+        group = heads // kv_heads
+        for h in range(heads):  # zero the diagonal of each group's noise matrix
+            if h % group < tokens * dim:
+                noise[h, h % group] = 0
+        noise = (noise - noise.mean(-1, keepdim=True)) / noise.std(-1, keepdim=True)
+        flat = flat - (noise * flat.std(-1, keepdim=True) + flat.mean(-1, keepdim=True))
+        out = flat.view(batch, heads, tokens, dim)
+    out = out.transpose(1, 2).reshape(batch, tokens, heads * dim)
+    return F.linear(out, module.proj.weight, module.proj.bias)
+
+
+def make(scheme: str, kv_heads: int, **options: object) -> GroupedQueryAttention:
+    torch.manual_seed(0)
+    module = GroupedQueryAttention(DIM, HEADS, kv_heads, scheme, **options)
+    with torch.no_grad():  # spread key norms so key-driven maps are uneven
+        rows = module.qkv.weight[HEADS * 8:(HEADS + kv_heads) * 8]
+        rows.mul_(torch.linspace(0.2, 3.0, kv_heads).repeat_interleave(8)[:, None])
+    return module
+
+
+CASES = [
+    ("mha", HEADS, {}), ("mqa", 1, {}), ("gqa", 3, {}), ("gqa", 2, {}), ("pgqa", 3, {}),
+    ("pgqa", 2, {"reference": True}), ("kdgqa", 3, {}), ("kdgqa", 4, {}),
+    ("kdgqa", 3, {"reference": True}), ("dgqa-ema", 3, {"window_size": 1}),
+    ("dgqa-diff", 4, {"window_size": 1}), ("dgqa-ema", 2, {"reference": True, "window_size": 1}),
+    ("dgqa-diff", 3, {"reference": True, "window_size": 1}),
+]
+
+
+@pytest.mark.parametrize(("scheme", "kv_heads", "options"), CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_naive_per_head_attention(scheme, kv_heads, options, training):
+    module = make(scheme, kv_heads, **options).train(training)
+    x = torch.randn(3, 7, DIM, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    weight = torch.randn(3, 7, DIM, generator=torch.Generator().manual_seed(2))
+    noisy = scheme == "pgqa" and (training or options.get("reference", False))
+
+    torch.manual_seed(5)
+    out = module(x)
+    kv_index = module.last_kv_index
+    assert kv_index is not None and kv_index.shape == (HEADS,) and kv_index.dtype == torch.long
+    grads = torch.autograd.grad((out * weight).sum(), [x, *module.parameters()])
+    expected = naive_attention(module, x, kv_index, 5 if noisy else None)
+    expected_grads = torch.autograd.grad((expected * weight).sum(), [x, *module.parameters()])
+
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_key_driven_map_follows_key_norms_and_is_uneven():
+    module = make("kdgqa", 3).train()
+    module(torch.randn(4, 9, DIM))
+    counts = torch.bincount(module.last_kv_index, minlength=3)
+    assert counts.tolist() != [2, 2, 2]
+    assert counts[2] > counts[0]  # head 2's keys were scaled up most
+    assert counts.sum() == HEADS and bool((counts >= 1).all())
+
+
+@pytest.mark.parametrize("scheme", ["gqa", "kdgqa"])
+def test_causal_mask_passes_through(scheme):
+    module = make(scheme, 3).eval()
+    x = torch.randn(2, 5, DIM)
+    out = module(x, is_causal=True)
+    torch.testing.assert_close(out, naive_attention(module, x, module.last_kv_index, None, True),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("scheme", "kv_heads"), [
+    (s, {"mha": HEADS, "mqa": 1}.get(s, 3)) for s in available_schemes()
+])
+def test_compiles_fullgraph_for_every_scheme(scheme, kv_heads):
+    torch._dynamo.reset()
+    module = make(scheme, kv_heads).train()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 5, DIM)
+    torch.manual_seed(3)
+    got = compiled(x)
+    if scheme.startswith("dgqa"):  # the compiled call advanced the window clock: rebuild
+        module = make(scheme, kv_heads).train()
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, module(x), atol=1e-6, rtol=0)
+
+
+def test_stands_in_for_timm_attention_inside_a_block():
+    from timm.models.vision_transformer import Block
+
+    block = Block(DIM, HEADS, qkv_bias=True)
+    block.attn = GroupedQueryAttention(DIM, HEADS, 3, "kdgqa")
+    assert block(torch.randn(2, 5, DIM)).shape == (2, 5, DIM)
+
+
+def test_kv_cache_bytes_shrink_with_kv_heads():
+    mha = GroupedQueryAttention(DIM, HEADS, HEADS, "mha")
+    gqa = GroupedQueryAttention(DIM, HEADS, 2, "gqa")
+    assert mha.kv_cache_bytes_per_token() == 2 * HEADS * 8 * 2
+    assert gqa.kv_cache_bytes_per_token(torch.float32) == 2 * 2 * 8 * 4
+
+
+BAD_ARGUMENTS = [
+    (dict(dim=50, num_heads=6, num_kv_heads=3), "dim=50 is not divisible by num_heads=6"),
+    (dict(dim=48, num_heads=6, num_kv_heads=0), "num_kv_heads must be an integer in [1, num_heads=6]"),
+    (dict(dim=48, num_heads=6, num_kv_heads=7), "got 7"),
+    (dict(dim=48, num_heads=6, num_kv_heads=3, scheme="mha"), "needs num_kv_heads == num_heads (6)"),
+    (dict(dim=48, num_heads=6, num_kv_heads=2, scheme="mqa"), "needs num_kv_heads == 1"),
+    (dict(dim=48, num_heads=6, num_kv_heads=4, scheme="gqa"), "valid num_kv_heads: [1, 2, 3, 6]"),
+    (dict(dim=48, num_heads=6, num_kv_heads=4, scheme="pgqa"), "valid num_kv_heads: [1, 2, 3, 6]"),
+    (dict(dim=48, num_heads=6, num_kv_heads=3, scheme="gqa2"), "unknown scheme 'gqa2'; valid schemes: mha, mqa, gqa"),
+    (dict(dim=48, num_heads=6, num_kv_heads=3, scheme="kdgqa", window_size=3),
+     "unknown option 'window_size' for scheme 'kdgqa'; valid options: min_queries, reference"),
+    (dict(dim=48, num_heads=6, num_kv_heads=3, scheme="dgqa-ema", window_size=0), "window_size must be an integer >= 1, got 0"),
+    (dict(dim=48, num_heads=6, num_kv_heads=3, scheme="kdgqa", min_queries=3), "min_queries must be an integer in [0, 2]"),
+    (dict(dim=48, num_heads=6, num_kv_heads=1, scheme="kdgqa", reference=True), "undefined for num_kv_heads=1"),
+    (dict(dim=48, num_heads=6, num_kv_heads=3, attn_drop=1.5), "attn_drop must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS)
+def test_bad_arguments_raise_clear_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=None) as info:
+        GroupedQueryAttention(**kwargs)
+    assert message in str(info.value)
+
+
+def test_uneven_groups_are_accepted_by_key_driven_schemes():
+    for scheme, kv_heads in itertools.product(KEY_DRIVEN, (4, 5)):
+        module = GroupedQueryAttention(DIM, HEADS, kv_heads, scheme).train()
+        module(torch.randn(2, 3, DIM))
+        counts = torch.bincount(module.last_kv_index, minlength=kv_heads)
+        assert counts.sum() == HEADS and bool((counts >= 1).all())
