@@ -1,0 +1,62 @@
+"""GPU-only checks (skipped without CUDA): Triton paths equal CPU, no host sync, inductor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdgqa import GroupedQueryAttention, available_schemes
+from kdgqa.allocation import apportion
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+KV = {"mha": 12, "mqa": 1}
+
+
+def test_fused_allocation_kernel_equals_the_cpu_path():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        scores = torch.rand(4, 1 + trial % 8, generator=gen) * 100
+        scores[0, 0] = float("nan") if trial % 3 == 0 else scores[0, 0]
+        for reduce_rows in (False, True):
+            cpu = apportion(scores, 16, 1, reduce_rows)
+            gpu = apportion(scores.cuda(), 16, 1, reduce_rows)
+            assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu, strict=True))
+
+
+@pytest.mark.parametrize("scheme", available_schemes())
+def test_cuda_forward_equals_cpu(scheme):
+    torch.manual_seed(0)
+    module = GroupedQueryAttention(96, 12, KV.get(scheme, 4), scheme).eval()
+    x = torch.randn(3, 17, 96)
+    want = module(x)
+    cpu_map = module.last_kv_index
+    got = module.cuda()(x.cuda())
+    assert torch.equal(module.last_kv_index.cpu(), cpu_map)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", available_schemes())
+def test_training_step_never_synchronises(scheme):
+    module = GroupedQueryAttention(768, 12, KV.get(scheme, 6), scheme).cuda().bfloat16().train()
+    x = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    module(x).float().sum().backward()  # warm up (first-call allocations)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            module(x).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("scheme", available_schemes())
+def test_inductor_compiles_fullgraph(scheme):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = GroupedQueryAttention(256, 8, {"mha": 8, "mqa": 1}.get(scheme, 4), scheme)
+    module = module.cuda().eval()
+    x = torch.randn(4, 33, 256, device="cuda")
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(x), module(x), atol=1e-4, rtol=1e-4)
+    module.train()
+    compiled(x).sum().backward()
