@@ -218,6 +218,7 @@ def _plots(out: Path, summary: Sequence[SummaryRow], allocation: list[dict[str, 
     for r in mha:
         ax.errorbar([r.kv_heads], [100 * r.acc_mean], yerr=[100 * r.acc_std], marker="*",
                     color="k", ms=10, ls="none", label="mha")
+    ax.set_xticks(sorted({*kvs, *(r.kv_heads for r in mha)}))
     ax.set_xlabel("KV heads (G)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy against KV heads")
@@ -238,8 +239,8 @@ def _plots(out: Path, summary: Sequence[SummaryRow], allocation: list[dict[str, 
         layers = sorted({a["layer"] for a in rows})
         cols = min(4, len(layers))
         nrows = math.ceil(len(layers) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False,
-                                 sharex=True, sharey=True)
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 1.0 + 2.6 * nrows),
+                                 squeeze=False, sharex=True, sharey=True)
         for ax, layer in zip(axes.flat, layers, strict=False):
             pts = sorted((a for a in rows if a["layer"] == layer), key=lambda a: a["step"])
             steps = [a["step"] for a in pts]

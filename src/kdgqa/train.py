@@ -225,6 +225,7 @@ def train(
     best = {"acc": -1.0, "loss": math.inf, "step": -1}
     timing = {"seconds": 0.0, "images": 0.0}
     loss_avg: float | None = None
+    epoch_sums = {"loss": 0.0, "n": 0}  # survive a mid-epoch resume
 
     ckpt_path = run_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
@@ -235,6 +236,7 @@ def train(
         pos = _Position(**state["position"])
         history, allocation = state["history"], state["allocation"]
         best, timing, loss_avg = state["best"], state["timing"], state["loss_avg"]
+        epoch_sums = state["epoch_sums"]
         _set_rng_state(state["rng"])
 
     def save_checkpoint() -> None:
@@ -244,6 +246,7 @@ def train(
                 "scheduler": scheduler.state_dict(), "position": vars(pos).copy(),
                 "history": history, "allocation": allocation, "best": dict(best),
                 "timing": dict(timing), "loss_avg": loss_avg, "rng": _rng_state(),
+                "epoch_sums": dict(epoch_sums),
                 "recipe": config_to_dict(recipe),
             }, ckpt_path)
         ctx.barrier()
@@ -270,7 +273,8 @@ def train(
                 start_epoch(base)
             batches: Iterator[tuple[Tensor, Tensor]] = train_batches.epoch(
                 pos.epoch, pos.step_in_epoch)
-            epoch_loss, epoch_n = 0.0, 0
+            if pos.step_in_epoch == 0:
+                epoch_sums = {"loss": 0.0, "n": 0}
             for x, y in batches:
                 if max_steps is not None and pos.global_step >= max_steps:
                     finished = False
@@ -303,8 +307,8 @@ def train(
                 timing["seconds"] += time.perf_counter() - tic
                 timing["images"] += float(y.numel() * ctx.world_size)
                 loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
-                epoch_loss += value * y.numel()
-                epoch_n += y.numel()
+                epoch_sums["loss"] += value * y.numel()
+                epoch_sums["n"] += y.numel()
                 if key_driven and recipe.allocation_every and (
                     pos.global_step % recipe.allocation_every == 0
                 ):
@@ -319,7 +323,7 @@ def train(
             if not finished:
                 break
             row: dict[str, Any] = {"epoch": pos.epoch, "step": pos.global_step,
-                                   "train_loss": epoch_loss / max(1, epoch_n),
+                                   "train_loss": epoch_sums["loss"] / max(1, epoch_sums["n"]),
                                    "lr": scheduler.get_last_lr()[0]}
             last = pos.epoch + 1 == recipe.epochs
             if val_batches is not None and ((pos.epoch + 1) % recipe.eval_every == 0 or last):
