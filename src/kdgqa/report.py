@@ -194,10 +194,10 @@ def _plots(out: Path, summary: Sequence[SummaryRow], allocation: list[dict[str, 
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(1, len(schemes)), 4))
     width = 0.8 / max(1, len(kvs))
     for j, kv in enumerate(kvs):
-        rows = {r.scheme: r for r in summary if r.kv_heads == kv and r.scheme != "mha"}
-        xs = [i + j * width for i, s in enumerate(schemes) if s in rows]
-        ax.bar(xs, [100 * rows[s].acc_mean for s in schemes if s in rows], width,
-               yerr=[100 * rows[s].acc_std for s in schemes if s in rows], capsize=3,
+        at_kv = {r.scheme: r for r in summary if r.kv_heads == kv and r.scheme != "mha"}
+        xs = [i + j * width for i, s in enumerate(schemes) if s in at_kv]
+        ax.bar(xs, [100 * at_kv[s].acc_mean for s in schemes if s in at_kv], width,
+               yerr=[100 * at_kv[s].acc_std for s in schemes if s in at_kv], capsize=3,
                label=f"G={kv}")
     for r in mha:
         ax.axhline(100 * r.acc_mean, color="k", ls="--", lw=1, label=f"MHA (G={r.kv_heads})")
@@ -212,9 +212,9 @@ def _plots(out: Path, summary: Sequence[SummaryRow], allocation: list[dict[str, 
     # Accuracy against KV heads.
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for scheme in schemes:
-        rows = sorted((r for r in summary if r.scheme == scheme), key=lambda r: r.kv_heads)
-        ax.errorbar([r.kv_heads for r in rows], [100 * r.acc_mean for r in rows],
-                    yerr=[100 * r.acc_std for r in rows], marker="o", capsize=3, label=scheme)
+        line = sorted((r for r in summary if r.scheme == scheme), key=lambda r: r.kv_heads)
+        ax.errorbar([r.kv_heads for r in line], [100 * r.acc_mean for r in line],
+                    yerr=[100 * r.acc_std for r in line], marker="o", capsize=3, label=scheme)
     for r in mha:
         ax.errorbar([r.kv_heads], [100 * r.acc_mean], yerr=[100 * r.acc_std], marker="*",
                     color="k", ms=10, ls="none", label="mha")
@@ -235,14 +235,14 @@ def _plots(out: Path, summary: Sequence[SummaryRow], allocation: list[dict[str, 
         first_seed.setdefault(key, a["seed"])
         if a["seed"] == first_seed[key]:
             runs[a["run_id"]].append(a)
-    for run_id, rows in runs.items():
-        layers = sorted({a["layer"] for a in rows})
+    for run_id, records in runs.items():
+        layers = sorted({a["layer"] for a in records})
         cols = min(4, len(layers))
         nrows = math.ceil(len(layers) / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 1.0 + 2.6 * nrows),
                                  squeeze=False, sharex=True, sharey=True)
         for ax, layer in zip(axes.flat, layers, strict=False):
-            pts = sorted((a for a in rows if a["layer"] == layer), key=lambda a: a["step"])
+            pts = sorted((a for a in records if a["layer"] == layer), key=lambda a: a["step"])
             steps = [a["step"] for a in pts]
             counts = list(zip(*[a["counts"] for a in pts], strict=True))
             ax.stackplot(steps, counts, labels=[f"KV {g}" for g in range(len(counts))],
