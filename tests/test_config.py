@@ -97,3 +97,20 @@ def test_cli_dry_run_prints_plan_and_writes_nothing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "grid: 5 schemes" in result.stdout and "pretrain: 40 epochs" in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_presets_are_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.name and config.grid.schemes
+
+
+def test_digits_preset_is_the_embedded_default() -> None:
+    preset = load_config(Path(__file__).parents[1] / "configs" / "digits.yaml")
+    assert preset == default_config()
+
+
+def test_pretrain_data_must_share_image_size() -> None:
+    with pytest.raises(ConfigError, match=r"pretrain_data\.image_size=32 must equal"):
+        parse_config({"pretrain_data": {"name": "tiny-imagenet", "root": "x", "image_size": 32}})

@@ -136,6 +136,9 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig | None = None
+    #: Data for MHA pretraining when it differs from ``data`` (e.g. Tiny ImageNet, then
+    #: CIFAR-10); the classifier head is re-initialised for ``data``'s classes afterwards.
+    pretrain_data: DataConfig | None = None
     uptrain: TrainConfig = field(default_factory=TrainConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     #: Show progress bars (they go to stderr and switch off when it is not a terminal).
@@ -297,6 +300,8 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
             out[key] = _merge(out[key], value)
         elif isinstance(value, dict) and out.get(key) is None and key == "pretrain":
             out[key] = _merge(config_to_dict(TrainConfig()), value)
+        elif isinstance(value, dict) and out.get(key) is None and key == "pretrain_data":
+            out[key] = _merge(config_to_dict(DataConfig()), value)
         else:
             out[key] = value
     return out
@@ -349,6 +354,28 @@ def _check_recipe(name: str, r: TrainConfig) -> None:
              f"{name}.allocation_every must be >= 0 (0 disables), got {r.allocation_every}")
 
 
+def _check_data(prefix: str, d: DataConfig) -> None:
+    _require(d.name in DATASETS,
+             f"{prefix}.name must be one of {', '.join(DATASETS)}, got {d.name!r}"
+             f"{_suggest(d.name, list(DATASETS))}")
+    _require(d.name in ("digits", "cifar10", "cifar100", "food101") or d.root is not None,
+             f"{prefix}.root is required for {prefix}.name={d.name!r}")
+    _require(d.image_size >= 1, f"{prefix}.image_size must be >= 1, got {d.image_size}")
+    _require(0 < d.val_fraction < 1,
+             f"{prefix}.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _require(0 < d.test_fraction < 1,
+             f"{prefix}.test_fraction must be in (0, 1), got {d.test_fraction}")
+    _require(d.val_fraction + d.test_fraction < 1,
+             f"{prefix}.val_fraction + {prefix}.test_fraction must be < 1")
+    _require(d.randaugment_ops >= 0,
+             f"{prefix}.randaugment_ops must be >= 0, got {d.randaugment_ops}")
+    _require(0 <= d.randaugment_magnitude <= 30,
+             f"{prefix}.randaugment_magnitude must be in [0, 30], got {d.randaugment_magnitude}")
+    _require(d.crop_padding >= 0, f"{prefix}.crop_padding must be >= 0, got {d.crop_padding}")
+    _require(d.std > 0, f"{prefix}.std must be > 0, got {d.std}")
+    _require(d.limit_train >= 0, f"{prefix}.limit_train must be >= 0, got {d.limit_train}")
+
+
 def validate(config: ExperimentConfig) -> None:
     """Check values and their combinations; raise ``ConfigError`` naming the first problem."""
     from kdgqa.schemes import SCHEMES
@@ -370,23 +397,14 @@ def validate(config: ExperimentConfig) -> None:
                  f"data.image_size={d.image_size} must be divisible by "
                  f"model.patch_size={m.patch_size}")
 
-    _require(d.name in DATASETS,
-             f"data.name must be one of {', '.join(DATASETS)}, got {d.name!r}"
-             f"{_suggest(d.name, list(DATASETS))}")
-    _require(d.name in ("digits", "cifar10", "cifar100", "food101") or d.root is not None,
-             f"data.root is required for data.name={d.name!r}")
-    _require(d.image_size >= 1, f"data.image_size must be >= 1, got {d.image_size}")
-    _require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-    _require(0 < d.test_fraction < 1,
-             f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
-    _require(d.val_fraction + d.test_fraction < 1,
-             "data.val_fraction + data.test_fraction must be < 1")
-    _require(d.randaugment_ops >= 0, f"data.randaugment_ops must be >= 0, got {d.randaugment_ops}")
-    _require(0 <= d.randaugment_magnitude <= 30,
-             f"data.randaugment_magnitude must be in [0, 30], got {d.randaugment_magnitude}")
-    _require(d.crop_padding >= 0, f"data.crop_padding must be >= 0, got {d.crop_padding}")
-    _require(d.std > 0, f"data.std must be > 0, got {d.std}")
-    _require(d.limit_train >= 0, f"data.limit_train must be >= 0, got {d.limit_train}")
+    _check_data("data", d)
+    if config.pretrain_data is not None:
+        _check_data("pretrain_data", config.pretrain_data)
+        _require(config.pretrain is not None,
+                 "pretrain_data is set but pretrain is null; add a pretrain recipe")
+        _require(config.pretrain_data.image_size == d.image_size,
+                 f"pretrain_data.image_size={config.pretrain_data.image_size} must equal "
+                 f"data.image_size={d.image_size} (the position embeddings are shared)")
 
     if config.pretrain is not None:
         _check_recipe("pretrain", config.pretrain)
@@ -449,6 +467,9 @@ def describe_plan(config: ExperimentConfig, train_images: int | None = None) -> 
     n = "?" if train_images is None else str(train_images)
     lines.append(f"data: {d.name} from {src}, {d.image_size}px, train images {n}, "
                  f"val fraction {d.val_fraction}, augmentation: {', '.join(aug) or 'none'}")
+    if config.pretrain_data is not None:
+        p = config.pretrain_data
+        lines.append(f"pretrain data: {p.name} from {p.root or 'default'}, {p.image_size}px")
     if m.pretrained:
         lines.append(f"model: pretrained {m.pretrained!r}")
     else:

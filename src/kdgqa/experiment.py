@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 
 from kdgqa.attention import GroupedQueryAttention
-from kdgqa.config import ConfigError, ExperimentConfig, config_to_dict
+from kdgqa.config import ConfigError, DataConfig, ExperimentConfig, config_to_dict
 from kdgqa.data import Augment, Batches, DataSplits, check_dataset, load_splits
 from kdgqa.distributed import DistContext, broadcast_object, resolve_device
 from kdgqa.train import TrainResult, evaluate, train
@@ -142,12 +142,29 @@ def _build_base(config: ExperimentConfig, channels: int, num_classes: int) -> nn
     )
 
 
+def _architecture_only(source: str, load: Callable[[str], nn.Module]) -> nn.Module:
+    """The model of ``source`` without its weights where that is possible (timm names), so
+    checks and ``--dry-run`` work offline; local sources are read as they are."""
+    if source.startswith("timm:"):
+        import timm
+
+        try:
+            with torch.device("meta"):
+                model: nn.Module = timm.create_model(source[len("timm:"):], pretrained=False)
+            return model
+        except RuntimeError as exc:
+            raise ConfigError(f"unknown timm model {source!r}: {exc}") from None
+    return load(source)
+
+
 def preflight(config: ExperimentConfig, resume: bool = False) -> None:
     """Everything that can fail cheaply, before any output exists.
 
     Raises ``ConfigError`` (``DatasetError`` is one) with a single-line message.
     """
     check_dataset(config.data)
+    if config.pretrain_data is not None:
+        check_dataset(config.pretrain_data)
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {str(out)!r} exists and is not a directory")
@@ -158,7 +175,7 @@ def preflight(config: ExperimentConfig, resume: bool = False) -> None:
         from kdgqa.schemes import build_allocator
         from kdgqa.sources import load_model
 
-        heads = _model_heads(load_model(config.model.pretrained))
+        heads = _model_heads(_architecture_only(config.model.pretrained, load_model))
         for kv in config.grid.kv_heads:
             for scheme in config.grid.schemes:
                 try:
@@ -185,9 +202,8 @@ def _append(path: Path, rows: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def _batches(config: ExperimentConfig, splits: DataSplits, batch_size: int, seed: int,
+def _batches(d: DataConfig, splits: DataSplits, batch_size: int, seed: int,
              ctx: DistContext) -> tuple[Batches, Batches, Batches]:
-    d = config.data
     common: dict[str, Any] = {"image_size": d.image_size, "mean": d.mean, "std": d.std,
               "rank": ctx.rank, "world_size": ctx.world_size}
     eval_batch = max(batch_size, 256 // ctx.world_size * ctx.world_size)
@@ -241,8 +257,14 @@ def run_experiment(
     ctx.barrier()
 
     # 1. The MHA starting point.
+    pre_cfg, pre_splits = config.data, splits
+    if config.pretrain_data is not None:
+        pre_cfg = config.pretrain_data
+        pre_splits = load_splits(pre_cfg, seed=config.seed).to(ctx.device)
+        emit(f"pretrain data: {pre_splits.name}, {len(pre_splits.train)} train images, "
+             f"{pre_splits.num_classes} classes")
     torch.manual_seed(config.seed)
-    base = _build_base(config, splits.channels, splits.num_classes).to(ctx.device)
+    base = _build_base(config, pre_splits.channels, pre_splits.num_classes).to(ctx.device)
     pre_dir = out / "pretrain"
     if config.pretrain is not None:
         model_dir = pre_dir / "model"
@@ -252,7 +274,8 @@ def run_experiment(
             base = load(model_dir).to(ctx.device)
             emit(f"pretrain: reusing {model_dir}")
         else:
-            tb, vb, teb = _batches(config, splits, config.pretrain.batch_size, config.seed, ctx)
+            tb, vb, teb = _batches(pre_cfg, pre_splits, config.pretrain.batch_size,
+                                   config.seed, ctx)
             res = train(base, tb, vb, config.pretrain, run_dir=pre_dir, resume=resume,
                         progress=config.progress, desc="pretrain MHA", ctx=ctx)
             test = evaluate(base, teb, amp=config.pretrain.amp, ctx=ctx)
@@ -265,6 +288,10 @@ def run_experiment(
                 save_pretrained(base, model_dir)
                 (pre_dir / "checkpoint.pt").unlink(missing_ok=True)
             ctx.barrier()
+    if pre_splits is not splits:
+        torch.manual_seed(config.seed)
+        base.reset_classifier(splits.num_classes)  # type: ignore[operator]
+        base.to(ctx.device)
     heads = _model_heads(base)
 
     # 2. The grid.
@@ -280,7 +307,7 @@ def run_experiment(
         if spec.scheme != "mha":
             convert(model, spec.scheme, spec.kv_heads, pooling=config.grid.pooling, **options)
         model.to(ctx.device)
-        tb, vb, teb = _batches(config, splits, config.uptrain.batch_size, spec.seed, ctx)
+        tb, vb, teb = _batches(config.data, splits, config.uptrain.batch_size, spec.seed, ctx)
         converted = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
         res = train(model, tb, vb, config.uptrain, run_dir=run_dir,
                     resume=resume, progress=config.progress,
