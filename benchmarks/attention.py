@@ -77,6 +77,15 @@ class PerGroupLoopAttention(nn.Module):
         return self.proj(torch.cat(outs, 1).transpose(1, 2).reshape(b, n, c))
 
 
+def emit(records: list[dict[str, object]], out: Path | None) -> None:
+    """Print the JSON list, and write it to ``out`` when given."""
+    text = json.dumps(records, indent=1)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
+
+
 def time_ms(fn: Callable[[], object], iters: int, warmup: int) -> float:
     """Median wall time of ``fn`` in milliseconds, measured with CUDA events."""
     for _ in range(warmup):
@@ -181,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             record = measure(name, shape_name, args)
             print(json.dumps(record), file=sys.stderr, flush=True)
             records.append(record)
-    text = json.dumps(records, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(records, args.out)
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from attention import SHAPES, time_ms
+from attention import SHAPES, emit, time_ms
 from kdgqa.allocation import counts_to_kv_index
 from kdgqa.ops import grouped_attention
 
@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 print(json.dumps(rec), file=sys.stderr, flush=True)
                 records.append(rec)
-    text = json.dumps(records, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(records, args.out)
     return 0
 
 
