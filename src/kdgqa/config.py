@@ -327,6 +327,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 as a string; on a command line it means the number.
+            try:
+                value = float(value) if value.strip().lower() not in ("nan", "inf") else value
+            except ValueError:
+                pass
         node = out
         for part in parts[:-1]:
             child = node.get(part)
