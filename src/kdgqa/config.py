@@ -8,6 +8,7 @@ silently ignored setting after hours of training.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -329,10 +330,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
         if isinstance(value, str):
             # YAML 1.1 reads 3e-4 as a string; on a command line it means the number.
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value) if value.strip().lower() not in ("nan", "inf") else value
-            except ValueError:
-                pass
         node = out
         for part in parts[:-1]:
             child = node.get(part)
