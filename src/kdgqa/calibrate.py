@@ -76,6 +76,7 @@ __all__ = [
     "InputMoments",
     "PoolingObjective",
     "calibration_arguments",
+    "check_calibration",
     "count_partitions",
     "load_calibration",
     "measure",
@@ -200,7 +201,9 @@ def measure(
                 batch = batch[: max_images - seen]
                 try:
                     model(batch.to(device=device, dtype=dtype))
-                except (RuntimeError, TypeError) as error:
+                except ConversionError:
+                    raise
+                except (RuntimeError, TypeError, ValueError, AssertionError) as error:
                     message = " ".join(str(error).split())[:300]
                     raise ConversionError(
                         f"calibration images {tuple(batch.shape)} do not fit the model: "
@@ -572,8 +575,20 @@ def _dataset_config(spec: str, image_size: int, count: int) -> Any:
         )
     if name == "imagefolder" and cfg_root is None:
         raise DatasetError("calibration imagefolder needs a root: imagefolder:PATH or PATH")
-    # The loaders hold out a validation share; with both splits we get ``count`` images.
-    return DataConfig(name=name, root=cfg_root, image_size=image_size, limit_train=count)
+    # Loaders may hold out a test share and always a validation share of the training
+    # images; ask for enough that the training split alone still has ``count``.
+    cfg = DataConfig(name=name, root=cfg_root, image_size=image_size)
+    keep = (1.0 - cfg.test_fraction) * (1.0 - cfg.val_fraction)
+    cfg.limit_train = math.ceil(count / keep) + 2
+    return cfg
+
+
+def check_calibration(spec: str) -> None:
+    """Cheap check (no decoding) that ``spec`` names a dataset that is there; raises
+    ``kdgqa.data.DatasetError`` with one line."""
+    from kdgqa.data import check_dataset
+
+    check_dataset(_dataset_config(spec, 8, 1))
 
 
 def load_calibration(
@@ -589,7 +604,8 @@ def load_calibration(
 
     ``spec`` is ``NAME:ROOT`` (``imagefolder``, ``tiny-imagenet``, ``cifar10``, ``cifar100``,
     ``food101``; ``digits`` needs no root) or a path to an image folder. Returns the first
-    ``count`` training images (a fixed, seeded selection) resized to ``image_size``, scaled
+    ``count`` images of the training split (a fixed, seeded selection, never test images)
+    resized to ``image_size``, scaled
     to [0, 1] and normalised with per-channel (or scalar) ``mean``/``std``, float32
     ``(n, C, H, W)``. Raises ``kdgqa.data.DatasetError`` (a ``ValueError``) with one line.
     """
@@ -600,7 +616,7 @@ def load_calibration(
     cfg = _dataset_config(spec, image_size, count)
     check_dataset(cfg)
     splits = load_splits(cfg)
-    images = torch.cat([splits.train.images, splits.val.images])[:count]
+    images = splits.train.images[:count]  # never the test split a study evaluates on
     if images.shape[0] == 0:
         raise DatasetError(f"calibration {spec!r} holds no images")
     if images.shape[1] != channels:
