@@ -339,7 +339,12 @@ def run_experiment(
         model = copy.deepcopy(base)
         scheme, options = resolve_scheme(config.grid, spec.scheme)
         if scheme != "mha":
-            convert(model, scheme, spec.kv_heads, pooling=config.grid.pooling, **options)
+            from kdgqa.calibrate import calibration_arguments
+
+            # Calibrated schemes measure the first training images (no augmentation).
+            extra = calibration_arguments(scheme, options, splits.train, config.data)
+            convert(model, scheme, spec.kv_heads, pooling=config.grid.pooling, **options,
+                    **extra)
         model.to(ctx.device)
         tb, vb, teb = _batches(config.data, splits, config.uptrain.batch_size, spec.seed, ctx)
         converted = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
