@@ -3,6 +3,8 @@
 Every supported self-attention module is swapped for a :class:`GroupedQueryAttention` whose
 query and output projections are the original ones, bit for bit, and whose K/V heads are
 pooled from the original heads of each contiguous group (mean pooling, as in GQA uptraining).
+Calibrated schemes choose the groups from data instead (``kdgqa.calibrate``); their query
+heads and output-projection columns are permuted together so each group is contiguous.
 Nothing else in the model is touched. Anything that looks like attention but is not a layout
 we know how to convert is reported by name *before* the model is modified, so a conversion
 either happens completely or not at all.

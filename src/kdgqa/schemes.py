@@ -230,9 +230,10 @@ class PerSampleKDGQAAllocator(KeyDrivenAllocator):
     same single gather + SDPA call as a shared map. Nothing is reduced across the batch or
     across data-parallel ranks (``stats_reducer`` is ignored), so an input's allocation is
     the same whatever batch, position or rank it is in, and evaluation is independent of
-    the batch size. ``min_queries`` (default 1) keeps every KV head in use for every input.
-    No host sync; on CUDA the apportionment is the same fused Triton kernel, one program
-    per input.
+    the batch size (up to the bitwise reproducibility of the projection's matmul across
+    batch sizes, which decides exact ties). ``min_queries`` (default 1) keeps every KV head
+    in use for every input. No host sync; on CUDA the apportionment is the same fused
+    Triton kernel, one program per input.
 
     A distinct scheme rather than a ``per_sample`` option of ``kdgqa``: its maps have
     another shape, it has no official reference behaviour, it needs no DDP reducer, and a

@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{', '.join(available_schemes())}")
     parse_size(args.max_shard_size)
     options = dict(args.option)
+    if "calibration" in options:
+        raise ValueError("pass calibration images with --calibration SPEC, not --option")
     needs = SCHEMES[args.scheme].needs_calibration
     if needs and args.calibration is None:
         raise ValueError(f"scheme {args.scheme!r} needs --calibration SPEC (images that "
