@@ -7,7 +7,7 @@
 #   bash scripts/gpu_study.sh tune         # uptraining LR sweep for mha + gqa on CIFAR-10's val split
 #   bash scripts/gpu_study.sh grid 6 0 1 2 # shards 0-2 of 6 of the study grid, concurrently
 #   bash scripts/gpu_study.sh control      # G = 1 (MQA) control, 3 seeds
-# then, anywhere: kdgqa report runs/study/uptrain/shard* runs/study/mqa -o results/study
+# then, anywhere: kdgqa report runs/study/uptrain/shard*/ runs/study/mqa -o results/study
 #
 # Environment: MODEL (pretrained checkpoint dir; default: the pretrain stage's output or
 # .data/study-model), TIME_LIMIT (seconds per process, default 560; rerun to resume),
@@ -16,7 +16,8 @@ set -euo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/out}
 mkdir -p "$OUT"
-stage=${1:?stage: pretrain, tune or grid}
+stage=${1:?stage: pretrain, tune, grid or control}
+UPTRAIN_CONFIG=${UPTRAIN_CONFIG:-configs/study/uptrain-cifar10.yaml}
 
 unpack() {
   for name in "$@"; do
@@ -24,7 +25,7 @@ unpack() {
   done
 }
 
-gpus() { nvidia-smi -L 2>/dev/null | wc -l; }
+gpus() { (nvidia-smi -L 2>/dev/null || true) | wc -l; }
 
 model_dir() {
   if [ -n "${MODEL:-}" ]; then echo "$MODEL"
@@ -43,7 +44,7 @@ grid_shards() {  # grid_shards N I...
   for i in "$@"; do
     # shellcheck disable=SC2086
     CUDA_VISIBLE_DEVICES=$((k % n_gpu)) timeout "${TIME_LIMIT:-560}" python -m kdgqa.cli \
-      experiment configs/study/uptrain-cifar10.yaml --no-progress --resume \
+      experiment "$UPTRAIN_CONFIG" --no-progress --resume \
       --shard "$i/$total" -o "runs/study/uptrain/shard$i" --set "model.pretrained=$(model_dir)" \
       ${UPTRAIN_SET:+--set $UPTRAIN_SET} > "runs/study/uptrain/shard$i.log" 2>&1 &
     k=$((k + 1))
@@ -70,7 +71,7 @@ case "$stage" in
     mkdir -p runs/study/tune
     for lr in ${TUNE_LRS:-1e-4 3e-4 1e-3}; do
       for epochs in ${TUNE_EPOCHS:-10}; do
-        python -m kdgqa.cli experiment configs/study/uptrain-cifar10.yaml --no-progress \
+        python -m kdgqa.cli experiment "$UPTRAIN_CONFIG" --no-progress \
           -o "runs/study/tune/lr$lr-e$epochs" --set "model.pretrained=$(model_dir)" \
           --set "uptrain.lr=$lr" --set "uptrain.epochs=$epochs" --set "grid.schemes=[gqa]" \
           --set "grid.kv_heads=[2]" --set "grid.seeds=[0]" \
@@ -96,15 +97,15 @@ PY
     grid_shards "$total" "${@:?shard indices}"
     tail -n 2 runs/study/uptrain/shard*.log
     tar czf "$OUT/grid-files.tgz" runs/study/uptrain/*.log runs/study/uptrain/shard*/*.jsonl \
-      runs/study/uptrain/shard*/meta.json
+      runs/study/uptrain/shard*/meta.json || true
     ;;
   control)  # G = 1 (MQA): every allocation is the same there
     unpack cifar10
     timeout "${TIME_LIMIT:-560}" python -m kdgqa.cli experiment \
-      configs/study/uptrain-cifar10.yaml --no-progress --resume -o runs/study/mqa \
+      "$UPTRAIN_CONFIG" --no-progress --resume -o runs/study/mqa \
       --set "model.pretrained=$(model_dir)" --set "grid.schemes=[mqa]" --set "grid.kv_heads=[1]" \
       --set grid.include_mha=false ${UPTRAIN_SET:+--set $UPTRAIN_SET} 2>&1 | tail -n 3
-    tar czf "$OUT/control-files.tgz" runs/study/mqa/*.jsonl runs/study/mqa/meta.json
+    tar czf "$OUT/control-files.tgz" runs/study/mqa/*.jsonl runs/study/mqa/meta.json || true
     ;;
   *) echo "unknown stage $stage (pretrain, tune, grid)" >&2; exit 2 ;;
 esac

@@ -104,8 +104,8 @@ def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa") -> list[Su
             order.append(key)
         cells[key][int(row["seed"])] = row
     first_seen = {key: i for i, key in enumerate(order)}
-    # MHA reference rows first, then by G, schemes in the order they ran.
-    order.sort(key=lambda k: (k[0] != "mha", k[1], first_seen[k]))
+    # MHA reference rows first, then by G with the reference scheme first, then in run order.
+    order.sort(key=lambda k: (k[0] != "mha", k[1], k[0] != reference, first_seen[k]))
     out = []
     for scheme, kv in order:
         by_seed = cells[(scheme, kv)]
