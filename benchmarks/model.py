@@ -8,7 +8,8 @@ same process and on the same GPU as the kdgqa rows run two baselines:
   execution pattern (``official_reference.py``: separate q/k/v, per-group Python loop,
   allocation read on the host), for ``mha``, ``gqa`` and each scheme the official code has.
 
-``impl=kdgqa`` rows are ``kdgqa.convert(model, scheme, G)`` in default mode. Train step:
+``impl=kdgqa`` rows are ``kdgqa.convert(model, scheme, G)`` in default mode (schemes that
+calibrate at conversion get ``--calibration-images`` synthetic images). Train step:
 forward + cross-entropy + backward + AdamW (fused on CUDA, the same for every row), bf16
 autocast over fp32 weights, synthetic images and labels already on the device (two batches,
 alternated). Inference: eval mode, ``torch.inference_mode``, bf16 autocast. Timing: warm-up
@@ -20,7 +21,7 @@ the MHA count (``mfu_mha_flops``, like for like).
 
     python benchmarks/model.py --models vit_b --batch 128 --out benchmarks/results/model.json
     python benchmarks/model.py --smoke          # tiny ViT on the CPU in a few seconds
-    python benchmarks/model.py --table benchmarks/results/model_*.json
+    python benchmarks/model.py --table benchmarks/results/model_*.json   # README tables
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import argparse
 import contextlib
 import gc
 import json
-import math
+import os
 import platform
 import subprocess
 import sys
@@ -48,6 +49,7 @@ import kdgqa
 from attention import emit
 from official_reference import KINDS as OFFICIAL_KINDS
 from official_reference import TrainingClock, replace_attention
+from table import load, model_tables
 
 PEAK_TFLOPS = 790.0  # dense bf16 matmul rate measured on the H200 (datasheet ~989)
 DEFAULT_EXCLUDED = ("mha", "mqa")
@@ -187,7 +189,13 @@ def kv_heads_for(cfg: Config, spec: ModelSpec, arch: ViTArch, override: int | No
     return override or spec.kv_heads
 
 
-def build(cfg: Config, device: torch.device, kv_override: int | None) -> Built:
+def needs_calibration(scheme: str) -> bool:
+    """Schemes that pick their groups from data at conversion (``calibrated``, ...)."""
+    return bool(getattr(kdgqa.SCHEMES.get(scheme), "needs_calibration", False))
+
+
+def build(cfg: Config, device: torch.device, kv_override: int | None,
+          calibration_images: int = 64) -> Built:
     import timm
 
     spec = MODELS[cfg.model]
@@ -199,7 +207,12 @@ def build(cfg: Config, device: torch.device, kv_override: int | None) -> Built:
     kv = kv_heads_for(cfg, spec, arch, kv_override)
     clock = None
     if cfg.impl == "kdgqa":
-        kdgqa.convert(model, cfg.scheme, kv)
+        options: dict[str, Any] = {}
+        if needs_calibration(cfg.scheme):  # speed does not depend on which images
+            gen = torch.Generator(device=device).manual_seed(2)
+            options["calibration"] = torch.randn(
+                calibration_images, 3, cfg.img_size, cfg.img_size, device=device, generator=gen)
+        kdgqa.convert(model, cfg.scheme, kv, **options)
     elif cfg.impl == "official":
         clock = replace_attention(model, cfg.scheme, kv)
     return Built(model.to(device), arch, kv, spec.timm_name, clock)
@@ -329,6 +342,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "timm": timm.__version__,
         "kdgqa": kdgqa.__version__,
         "python": platform.python_version(),
+        # rows compare only with baselines of the same run (same process, same GPU)
+        "run_id": f"{time.strftime('%Y%m%dT%H%M%S')}-{platform.node()}-{os.getpid()}-{device}",
         "git_commit": commit,
     }
 
@@ -372,7 +387,7 @@ def run_config(cfg: Config, args: argparse.Namespace,
         free_memory(device)
         if cfg.compiled:
             torch._dynamo.reset()
-        built = build(cfg, device, args.kv_heads)
+        built = build(cfg, device, args.kv_heads, args.calibration_images)
         run = torch.compile(built.model) if cfg.compiled else built.model
         batches = synthetic_batches(cfg.batch, cfg.img_size, device)
     except Exception as error:  # a failed build fails every mode of the config
@@ -383,10 +398,13 @@ def run_config(cfg: Config, args: argparse.Namespace,
     flops = vit_forward_flops(built.arch, built.kv_heads)
     mha_flops = vit_forward_flops(built.arch)
     params = sum(p.numel() for p in built.model.parameters())
+    if cfg.impl == "kdgqa" and needs_calibration(cfg.scheme):
+        settings["calibration"] = f"{args.calibration_images} synthetic images, at conversion"
     for mode in args.modes:
         row: dict[str, Any] = {**base, "mode": mode}
         free_memory(device)
         warmup = args.warmup + (1 if cfg.compiled else 0)
+        graphs_before = dynamo_graphs()
         try:
             first_s, ms = measure_mode(mode, built, run, batches, args, warmup)
         except Exception as error:
@@ -415,7 +433,10 @@ def run_config(cfg: Config, args: argparse.Namespace,
         })
         if cfg.compiled:
             row["compile_s"] = row["first_step_s"]
-            row["dynamo_graphs"] = dynamo_graphs()
+            graphs = dynamo_graphs()
+            # 1 = one graph for the whole model (no graph break, no recompilation)
+            row["dynamo_graphs"] = None if graphs is None or graphs_before is None \
+                else graphs - graphs_before
         yield {**row, **settings}
     del built, run, batches
     free_memory(device)
@@ -425,87 +446,6 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, torch.OutOfMemoryError):
         return "out of memory"
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-
-
-# --------------------------------------------------------------------------------------------
-# Table
-
-
-def _timm_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["model"], row["img_size"], row["batch"], row["mode"], row["compiled"])
-
-
-def _official_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["model"], row["img_size"], row["batch"], row["mode"], row["scheme"])
-
-
-def _baselines(rows: list[dict[str, Any]]) -> tuple[dict[tuple[Any, ...], float],
-                                                      dict[tuple[Any, ...], float]]:
-    ok = [r for r in rows if "error" not in r]
-    timm_rate = {_timm_key(r): r["img_per_s"] for r in ok if r["impl"] == "timm"}
-    official_rate = {_official_key(r): r["img_per_s"] for r in ok if r["impl"] == "official"}
-    return timm_rate, official_rate
-
-
-def _ratio(value: float, base: float | None) -> float:
-    return value / base if base else math.nan
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """README table: one line per row, ratios to timm's MHA (same compile setting) and to the
-    official-style implementation of the same scheme (eager: the official code cannot be
-    compiled), both measured in the same process."""
-    timm_rate, official_rate = _baselines(rows)
-
-    def fmt(value: float) -> str:
-        return "-" if math.isnan(value) else f"{value:.2f}x"
-
-    lines = [
-        "| model | px | batch | mode | compiled | impl | scheme | G | img/s | ms/step "
-        "| peak GiB | MFU | MFU (MHA FLOPs) | vs timm MHA | vs official |",
-        "|---|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        head = (f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['mode']} | "
-                f"{'yes' if r['compiled'] else 'no'} | {r['impl']} | {r['scheme']} | ")
-        if "error" in r:
-            lines.append(head + f"- | {r['error']} | | | | | | |")
-            continue
-        rate = r["img_per_s"]
-        mem = "-" if r.get("peak_mem_gib") is None else f"{r['peak_mem_gib']:.1f}"
-        lines.append(
-            head + f"{r['kv_heads']} | {rate:,.0f} | {r['ms_per_step']:.1f} | {mem} | "
-            f"{100 * r['mfu']:.1f} % | {100 * r['mfu_mha_flops']:.1f} % | "
-            f"{fmt(_ratio(rate, timm_rate.get(_timm_key(r))))} | "
-            f"{fmt(_ratio(rate, official_rate.get(_official_key(r))))} |"
-        )
-    return "\n".join(lines)
-
-
-def target_summary(rows: list[dict[str, Any]]) -> str:
-    """The issue's targets for ViT-B/16 at 224 px, as reached (kdgqa rows, training)."""
-    timm_rate, official_rate = _baselines(rows)
-    lines = []
-    for r in rows:
-        if "error" in r or not (r["impl"] == "kdgqa" and r["model"] == "vit_b"
-                                and r["img_size"] == 224 and r["mode"] == "train"):
-            continue
-        vs_timm = _ratio(r["img_per_s"], timm_rate.get(_timm_key(r)))
-        vs_off = _ratio(r["img_per_s"], official_rate.get(_official_key(r)))
-        lines.append(
-            f"- vit_b 224 batch {r['batch']} {'compiled' if r['compiled'] else 'eager'} "
-            f"{r['scheme']}: {vs_timm:.2f}x timm MHA (target >= 1.0), {vs_off:.2f}x official "
-            f"(target >= 2), MFU {100 * r['mfu']:.1f} % / {100 * r['mfu_mha_flops']:.1f} % "
-            f"with MHA FLOPs{' (target >= 45 %)' if r['compiled'] else ''}"
-        )
-    return "\n".join(lines)
-
-
-def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for path in paths:
-        rows.extend(json.loads(path.read_text()))
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,6 +481,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=10,
                         help="warm-up steps (compiled rows: one more, the compiling step)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--calibration-images", type=int, default=64,
+                        help="synthetic images for schemes that calibrate at conversion")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--device", default=None, help="e.g. cuda:1 (default cuda, else cpu)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS)
@@ -551,11 +493,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny ViT, CPU, fp32, batch 4, 1+2 steps: checks the plumbing")
     parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
-                        help="print the README table of result files and exit")
+                        help="print the README tables of result files and exit")
+    parser.add_argument("--full", action="store_true", help="with --table: one line per row")
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.img_size, args.batch = ["tiny"], [32], [4]
         args.dtype, args.warmup, args.steps = "fp32", 1, 2
+        args.calibration_images = 4
         args.device = args.device or "cpu"
     registered = kdgqa.available_schemes()
     if args.schemes is None:
@@ -572,7 +516,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [k for k in args.official if k not in OFFICIAL_KINDS]
     if bad:
         parser.error(f"unknown official kind {bad[0]!r}; valid: {', '.join(OFFICIAL_KINDS)}")
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    args.device = device
     args.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     return args
 
@@ -599,11 +546,7 @@ def _progress(row: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table:
-        rows = load_rows(args.table)
-        print(markdown_table(rows))
-        summary = target_summary(rows)
-        if summary:
-            print("\n" + summary)
+        print(model_tables(load(args.table), full=args.full), end="")
         return 0
     configs = plan(args)
     if args.list:

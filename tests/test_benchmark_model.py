@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kdgqa  # noqa: E402
 import model as bench  # noqa: E402
 import official_reference as official  # noqa: E402
+import table  # noqa: E402
 
 VIT_B = bench.ViTArch(patches=196, prefix_tokens=1, dim=768, depth=12, heads=12, head_dim=64,
                       mlp_hidden=3072, patch_in=768, num_classes=1000)
@@ -55,9 +56,8 @@ def test_smoke_run_writes_well_formed_rows(tmp_path, capsys):
         assert r["img_per_s"] > 0 and r["ms_per_step"] > 0
         assert r["kv_heads"] == (6 if r["scheme"] == "mha" else 3)
         assert r["fwd_gflop_per_img"] <= r["mha_fwd_gflop_per_img"]
-    table = bench.markdown_table(rows)
-    assert table.count("\n") == len(rows) + 1
-    assert "| tiny | 32 | 4 | train | no | kdgqa | kdgqa |" in table
+    assert table.model_tables(rows).count("| official | kdgqa |") == 2  # train, infer pivots
+    assert "| tiny | 32 | 4 | train | no | kdgqa | kdgqa |" in table.model_tables(rows, full=True)
 
 
 def test_plan_keeps_official_rows_eager_and_baselines_per_setting():
