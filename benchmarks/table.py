@@ -100,7 +100,9 @@ def _impl_order(rows: list[Row]) -> list[tuple[str, str]]:
 def pivot(rows: list[Row], cell: Callable[[Row], str], impls: list[tuple[str, str]] | None = None,
           settings: list[tuple[Any, ...]] | None = None) -> str:
     """Lines (impl, scheme) x columns (model, px, batch, compiled), ``cell(row)`` in each."""
-    by = {(r["impl"], r["scheme"], _setting(r)): r for r in rows}
+    by: dict[tuple[Any, ...], Row] = {}
+    for r in rows:  # a setting measured twice shows its first row (see ``model_tables``)
+        by.setdefault((r["impl"], r["scheme"], _setting(r)), r)
     settings = settings or _settings(rows)
     impls = impls or _impl_order(rows)
     lines = ["| impl | scheme | " + " | ".join(_setting_label(s) for s in settings) + " |",
@@ -157,6 +159,12 @@ def model_tables(rows: list[Row], full: bool = False) -> str:
     """The README's whole-model section: train and inference pivots, ratios to the official
     style, MFU and memory of ViT-B/16 224 px training; ``full`` adds one line per row."""
     base = Baselines(rows)
+    # Larger runs first: where two runs measured one setting (a top-up run of new schemes
+    # with its own baseline), the pivots show the main run's baseline and order.
+    size: dict[Any, int] = {}
+    for r in rows:
+        size[r.get("run_id")] = size.get(r.get("run_id"), 0) + 1
+    rows = sorted(rows, key=lambda r: -size[r.get("run_id")])
     out: list[str] = []
     for mode, title in (("train", "Training img/s (x timm MHA, same run)"),
                         ("infer", "Inference img/s (x timm MHA, same run)")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -118,3 +119,23 @@ def test_official_style_degenerate_norms_terminate():
     k = torch.ones(2, 3, 4, 8)  # equal norms: the official min-max divides 0 by 0
     assert sum(official.minmax_counts(k, 6)) == 6
     assert sum(official.window_counts(torch.zeros(3), 6)) == 6
+
+
+def test_ratios_use_the_baseline_of_the_same_run():
+    def row(run, impl, scheme, rate, compiled=False):
+        return {"run_id": run, "model": "vit_b", "img_size": 224, "batch": 128, "mode": "train",
+                "compiled": compiled, "impl": impl, "scheme": scheme, "img_per_s": rate,
+                "ms_per_step": 1.0, "kv_heads": 6, "mfu": 0.3, "mfu_mha_flops": 0.3,
+                "peak_mem_gib": 1.0}
+
+    rows = [row("small", "timm", "mha", 50.0), row("small", "kdgqa", "calibrated", 60.0),
+            row("main", "timm", "mha", 100.0), row("main", "kdgqa", "kdgqa", 90.0),
+            row("main", "official", "kdgqa", 45.0), row("main", "kdgqa", "kdgqa", 120.0, True)]
+    base = table.Baselines(rows)
+    assert base.vs_timm(rows[1]) == pytest.approx(1.2)
+    assert base.vs_timm(rows[3]) == pytest.approx(0.9)
+    assert base.vs_official(rows[3]) == pytest.approx(2.0)
+    assert math.isnan(base.vs_official(rows[5]))  # compiled rows have no official baseline
+    text = table.model_tables(rows)
+    assert "| timm | mha | 100 (1.00x) |" in text  # the larger run's baseline is shown
+    assert "0.90x" in text and "1.20x" in text
