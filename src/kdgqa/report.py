@@ -313,7 +313,7 @@ def merge_studies(sources: Sequence[str | Path], out_dir: str | Path) -> str:
         for d in dirs:
             part = [r for r in load_jsonl(d / name) if r.get("run_id") not in seen]
             rows.extend(part)
-            seen.update(r.get("run_id") for r in part)
+            seen.update(str(r.get("run_id")) for r in part)
     meta_src = next((d / "meta.json" for d in dirs if (d / "meta.json").is_file()), None)
     out.mkdir(parents=True, exist_ok=True)
     if meta_src is not None and meta_src.resolve() != (out / "meta.json").resolve():
