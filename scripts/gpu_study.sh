@@ -55,7 +55,10 @@ grid_shards() {  # grid_shards N I...
 case "$stage" in
   pretrain)
     unpack tiny-imagenet-32 cifar10
-    timeout "${PRETRAIN_TIMEOUT:-560}" python -m kdgqa.cli experiment \
+    n_gpu=$(gpus)
+    launcher=(python)
+    [ "$n_gpu" -gt 1 ] && launcher=(torchrun --nproc_per_node "$n_gpu")
+    timeout "${PRETRAIN_TIMEOUT:-560}" "${launcher[@]}" -m kdgqa.cli experiment \
       configs/study/pretrain-vit-s4-tin32.yaml --pretrain-only --no-progress \
       ${RESUME:+--resume} 2>&1 | tee "$OUT/pretrain.log" || true
     if [ -f runs/study/pretrain/pretrain/model/kdgqa_config.json ]; then
