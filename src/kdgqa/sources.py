@@ -21,7 +21,7 @@ import json
 import logging
 import pickle
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,8 +256,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "functions), which torch.load(weights_only=True) does not execute; re-save it as "
             "a plain state dict or safetensors"
         ) from None
-    except (RuntimeError, OSError, EOFError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else "file is empty"
+    except Exception as error:  # garbage can fail anywhere inside the unpickler
+        if path.stat().st_size == 0:
+            detail = "the file is empty"
+        elif not _looks_like_torch_file(path):
+            detail = "it is not a PyTorch file (corrupt, or another format)"
+        else:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            detail = f"{first} (the file is corrupt or truncated)"
         raise SourceError(f"cannot read checkpoint {str(path)!r}: {detail}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -374,46 +380,35 @@ def _hf_from_dir(path: Path) -> nn.Module:
             f"{cfg.get('model_type')!r}, architecture {cls_name!r}; expected a ViT "
             f"({', '.join(HF_VIT_CLASSES)})"
         )
-    with _quiet_transformers() as replay:
+    with _quiet_transformers():
         try:
-            model = getattr(transformers, cls_name).from_pretrained(str(path),
-                                                                     local_files_only=True)
+            model, info = getattr(transformers, cls_name).from_pretrained(
+                str(path), local_files_only=True, output_loading_info=True)
         except Exception as error:  # corrupt weights, bad config values, shape mismatches
             first = " ".join(str(error).split())[:300] or type(error).__name__
             if "mismatch" in first:
                 first = "tensor shapes in the weights do not match its config.json"
             raise SourceError(
                 f"cannot load Hugging Face model from {str(path)!r}: {first}") from None
-        replay()
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
+    if missing:  # transformers' own report is held back; say it in one line
+        warnings.warn(f"{str(path)!r} lacks {len(missing)} weights of {cls_name} (e.g. "
+                      f"{missing[0]!r}); they are randomly initialised", stacklevel=2)
     return model.eval()
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[Callable[[], None]]:
-    """Hold back transformers' log records and progress bars while loading; yields a function
-    that re-emits the held records (called on success, so a failure prints one line)."""
+def _quiet_transformers() -> Iterator[None]:
+    """Hold back transformers' log records and progress bars while loading, so a failure
+    prints one line (the caller summarises what matters on success)."""
     from transformers.utils import logging as hf_logging
 
     logger = logging.getLogger("transformers")
-    held: list[logging.LogRecord] = []
-
-    class _Hold(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            held.append(record)
-
     handlers, bars = logger.handlers[:], hf_logging.is_progress_bar_enabled()
-    logger.handlers = [_Hold()]
+    logger.handlers = [logging.NullHandler()]
     hf_logging.disable_progress_bar()
-
-    def replay() -> None:
-        for record in held:
-            for handler in handlers:
-                if record.levelno >= handler.level:
-                    handler.handle(record)
-        held.clear()
-
     try:
-        yield replay
+        yield
     finally:
         logger.handlers = handlers
         if bars:
