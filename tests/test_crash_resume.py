@@ -146,3 +146,59 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path: Path) -> None:
         train(other, batches, None, TrainConfig(epochs=1, lr=1e-3), run_dir=tmp_path,
               resume=True, progress=False)
     assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
+STUDY = {
+    "device": "cpu", "progress": False,
+    "model": {"embed_dim": 12, "depth": 1, "num_heads": 3},
+    "pretrain": {"epochs": 2, "batch_size": 128, "lr": 3e-3, "checkpoint_every": 4},
+    "uptrain": {"epochs": 2, "batch_size": 128, "lr": 3e-3, "checkpoint_every": 3,
+                "allocation_every": 2},
+    "grid": {"schemes": ["kdgqa", "dgqa-diff"], "kv_heads": [2], "seeds": [0],
+             "include_mha": False, "scheme_options": {"dgqa-diff": {"window_size": 2}}},
+}
+#: Fields of a result row that measure the machine, not the model.
+TIMING = ("train_img_per_s", "train_seconds")
+
+
+def _rows(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sigkilled_study_resumes_to_the_same_results(tmp_path: Path) -> None:
+    import yaml
+
+    from kdgqa.config import parse_config
+    from kdgqa.experiment import run_experiment
+
+    rng = random.Random(SEED)
+    out = tmp_path / "killed"
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({**STUDY, "output_dir": str(out)}))
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "kdgqa.cli", "experiment", str(config)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "config.yaml").exists() and proc.poll() is None:  # data loaded
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    delay = rng.uniform(0.0, 3.0)  # the study itself takes about 3 s here
+    time.sleep(delay)
+    proc.kill()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
+
+    run_experiment(parse_config({**STUDY, "output_dir": str(out)}), resume=True, log=None)
+    reference = tmp_path / "reference"
+    run_experiment(parse_config({**STUDY, "output_dir": str(reference)}), log=None)
+
+    for name in ("results.jsonl", "allocation.jsonl", "history.jsonl"):
+        rows, ref = _rows(out / name), _rows(reference / name)
+        for row in (*rows, *ref):
+            for key in TIMING:
+                row.pop(key, None)
+        assert rows == ref, (name, f"killed {delay:.2f} s after start-up")
+    assert not list(out.rglob(".*.tmp-*")) or proc.returncode == 0
