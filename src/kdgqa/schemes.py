@@ -48,6 +48,9 @@ class QueryAllocator(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
         super().__init__()
+        if not 1 <= num_kv_heads <= num_heads:
+            raise ValueError(f"num_kv_heads must be in [1, num_heads={num_heads}], got "
+                             f"{num_kv_heads}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         unknown = sorted(set(options) - set(self.option_defaults))
@@ -56,6 +59,10 @@ class QueryAllocator(nn.Module):
             raise ValueError(
                 f"unknown option {unknown[0]!r} for scheme {self.name!r}; valid options: {valid}"
             )
+        for key, value in options.items():
+            if isinstance(self.option_defaults[key], bool) and not isinstance(value, bool):
+                raise ValueError(f"option {key!r} of scheme {self.name!r} must be true or "
+                                 f"false, got {value!r}")
         self.options = {**self.option_defaults, **options}
         counts = torch.tensor(even_counts(num_heads, num_kv_heads))
         self.register_buffer("static_kv_index", counts_to_kv_index(counts, num_heads),
