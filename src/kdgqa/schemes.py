@@ -303,16 +303,14 @@ class DGQAAllocator(KeyDrivenAllocator):
         else:
             scores = torch.where(first, norms, (norms - self.cache).abs())
         counts, kv_index = apportion(scores[None], self.num_heads, self.options["min_queries"])
-        if due is None:
-            self.counts.copy_(counts[0])
-            self.kv_index.copy_(kv_index[0])
-            self.cache.copy_(tracked)
-            self.updates.add_(1)
-        else:
-            self.counts.copy_(torch.where(due, counts[0], self.counts))
-            self.kv_index.copy_(torch.where(due, kv_index[0], self.kv_index))
-            self.cache.copy_(torch.where(due, tracked, self.cache))
-            self.updates.add_(due.long())
+        # A batch with non-finite key norms (NaN/inf inputs) is skipped on the device: it
+        # would otherwise leave NaN in the cache and freeze the allocation for good.
+        finite = torch.isfinite(norms).all()
+        due = finite if due is None else due & finite
+        self.counts.copy_(torch.where(due, counts[0], self.counts))
+        self.kv_index.copy_(torch.where(due, kv_index[0], self.kv_index))
+        self.cache.copy_(torch.where(due, tracked, self.cache))
+        self.updates.add_(due.long())
 
     def _reference_scores(self, norms: Tensor, cache: Tensor) -> Tensor:
         if self.flavour == "ema":
