@@ -154,11 +154,14 @@ def atomic_save(obj: Any, path: Path) -> None:
 def _rng_state() -> dict[str, Any]:
     import numpy as np
 
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state(legacy=False)
+    assert isinstance(legacy, dict)
     # Tensors and plain numbers only, so the checkpoint loads with weights_only=True.
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}}
+    numpy_state = {"bit_generator": str(legacy["bit_generator"]),
+                   "key": torch.from_numpy(legacy["state"]["key"].astype(np.int64)),
+                   "pos": int(legacy["state"]["pos"]), "has_gauss": int(legacy["has_gauss"]),
+                   "gauss": float(legacy["gauss"])}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -171,8 +174,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     python = state["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached"]))
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].cpu().numpy().astype(np.uint32),
+                                   "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
