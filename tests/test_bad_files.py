@@ -300,6 +300,7 @@ RESUME_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "stored config garbage": (lambda o: (o / "config.yaml").write_text("grid: [\n"),
                               "cannot read"),
     "resumed with another recipe": (lambda o: None, "different config (uptrain.lr: 0.003"),
+    "resumed with a garbage config": (lambda o: None, "invalid YAML"),
 }
 
 
@@ -314,6 +315,8 @@ def test_resume_of_a_damaged_study_changes_nothing(
     config = tmp_path / "study.yaml"
     recipe = {**STUDY["uptrain"], "lr": 0.01} if "recipe" in damage else STUDY["uptrain"]
     config.write_text(yaml.safe_dump({**STUDY, "uptrain": recipe, "output_dir": str(out)}))
+    if damage == "resumed with a garbage config":
+        config.write_bytes(config.read_bytes()[:40] + b"\n  - [\x07\n")
     before = _snapshot(out)
     line = _one_line_exit_2(capsys, ["experiment", str(config), "--resume"])
     assert expected in line
