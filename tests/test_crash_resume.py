@@ -217,3 +217,39 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path: Path)
     after = (np.random.rand(3), random.random(), torch.rand(2))
     assert np.array_equal(before[0], after[0]) and before[1] == after[1]
     assert torch.equal(before[2], after[2])
+
+
+def test_replace_dir_is_all_or_nothing(tmp_path: Path) -> None:
+    from kdgqa.durable import replace_dir
+
+    out = tmp_path / "model"
+    replace_dir(out, lambda d: (d / "a").write_text("old"))
+
+    def fail_half_way(d: Path) -> None:
+        (d / "a").write_text("new")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        replace_dir(out, fail_half_way)
+    assert (out / "a").read_text() == "old"
+    (tmp_path / ".model.tmp-left-by-a-kill").mkdir()  # what a SIGKILL would leave
+    replace_dir(out, lambda d: (d / "b").write_text("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert [p.name for p in out.iterdir()] == ["b"]
+
+
+def test_jsonl_log_survives_a_torn_append(tmp_path: Path) -> None:
+    from kdgqa.durable import append_jsonl, read_jsonl
+
+    log = tmp_path / "results.jsonl"
+    append_jsonl(log, [{"run_id": "a", "x": 1}])
+    with open(log, "a") as handle:
+        handle.write('{"run_id": "b", "x"')  # a crash in the middle of a line
+    assert read_jsonl(log) == [{"run_id": "a", "x": 1}]
+    append_jsonl(log, [{"run_id": "b", "x": 2}])
+    assert read_jsonl(log) == [{"run_id": "a", "x": 1}, {"run_id": "b", "x": 2}]
+    append_jsonl(log, [{"run_id": "a", "x": 3}])  # a redone run replaces its old rows
+    assert read_jsonl(log) == [{"run_id": "b", "x": 2}, {"run_id": "a", "x": 3}]
+    log.write_text(log.read_text() + "garbage\n")
+    with pytest.raises(CorruptFileError, match="line 3 is not a JSON object"):
+        read_jsonl(log)

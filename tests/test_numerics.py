@@ -185,7 +185,7 @@ def test_reference_arithmetic_reports_nan_instead_of_hanging(scheme: str) -> Non
         attn(x)
 
 
-def test_counts_to_kv_index_rejects_nothing_valid() -> None:
+def test_head_map_of_counts_with_empty_runs() -> None:
     counts = torch.tensor([[0, 6, 0], [2, 2, 2], [6, 0, 0]])
     index = counts_to_kv_index(counts, 6)
     assert index.tolist() == [[1] * 6, [0, 0, 1, 1, 2, 2], [0] * 6]
