@@ -195,8 +195,9 @@ def _restore(state: Any, path: Path, recipe: TrainConfig, load: Callable[[Any], 
                                "missing); move it away to restart that run")
     ours = config_to_dict(recipe)
     theirs = state["recipe"] if isinstance(state["recipe"], dict) else {}
-    changed = sorted(k for k in set(ours) | set(theirs)
-                     if k not in _RESUMABLE_CHANGES and ours.get(k) != theirs.get(k))
+    # Keys on one side only come from another kdgqa version: their defaults keep behaviour.
+    changed = sorted(k for k in set(ours) & set(theirs)
+                     if k not in _RESUMABLE_CHANGES and ours[k] != theirs[k])
     if changed:
         key = changed[0]
         raise CorruptFileError(
