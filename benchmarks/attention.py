@@ -5,7 +5,13 @@ projections, allocation on the host via ``.tolist()``, one matmul-softmax-matmul
 so the comparison shows what the fused, sync-free path buys. Prints a JSON list of records
 ``{device, shape, scheme, fwd_ms, fwd_bwd_ms, ...}`` and optionally writes it to ``--out``.
 
+``calibrated`` is timed with a fixed uneven allocation (:func:`uneven_counts`, recorded as
+``counts``): its speed depends only on the group sizes, not on how they were measured.
+``similarity`` is static GQA with permuted heads, the same op as ``gqa``.
+
     python benchmarks/attention.py --out benchmarks/results/attention_h200.json
+    python benchmarks/attention.py --schemes gqa calibrated --expand-method split
+    python benchmarks/attention.py --device cpu --shapes tiny --iters 3 --warmup 1  # smoke
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +36,11 @@ SHAPES: dict[str, dict[str, int]] = {
     "vit_b": {"batch": 256, "tokens": 197, "heads": 12, "kv_heads": 6, "head_dim": 64},
     "vit_l": {"batch": 128, "tokens": 197, "heads": 16, "kv_heads": 4, "head_dim": 64},
     "vit_b_384": {"batch": 32, "tokens": 577, "heads": 12, "kv_heads": 6, "head_dim": 64},
+    "tiny": {"batch": 4, "tokens": 17, "heads": 6, "kv_heads": 3, "head_dim": 8},
 }
-SCHEMES = ("mha", "gqa", "kdgqa", "dgqa-ema", "dgqa-diff", "pgqa", "mqa")
+DEFAULT_SHAPES = ("vit_b", "vit_l", "vit_b_384")
+SCHEMES = ("mha", "gqa", "kdgqa", "dgqa-ema", "dgqa-diff", "pgqa", "mqa", "kdgqa-ps",
+           "calibrated", "similarity")
 LOOP_KINDS = ("loop-gqa", "loop-kdgqa", "loop-pgqa")
 
 
@@ -86,8 +97,27 @@ def emit(records: list[dict[str, object]], out: Path | None) -> None:
     print(text)
 
 
-def time_ms(fn: Callable[[], object], iters: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, measured with CUDA events."""
+def uneven_counts(heads: int, kv_heads: int) -> list[int]:
+    """A mildly uneven static allocation: even groups with one head moved from the last
+    group to the first (12/6 -> [3, 2, 2, 2, 2, 1]: three group sizes, three SDPA calls)."""
+    counts = even_counts(heads, kv_heads)
+    if kv_heads > 1 and counts[-1] > 1:
+        counts[0] += 1
+        counts[-1] -= 1
+    return counts
+
+
+def time_ms(fn: Callable[[], object], iters: int, warmup: int, cuda: bool = True) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA events; wall clock on the CPU)."""
+    if not cuda:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -109,7 +139,11 @@ def build(name: str, shape: dict[str, int]) -> nn.Module:
     if name.startswith("loop-"):
         return PerGroupLoopAttention(dim, heads, kv, name)
     kv = {"mha": heads, "mqa": 1}.get(name, kv)
-    return kdgqa.GroupedQueryAttention(dim, heads, kv, name)
+    module = kdgqa.GroupedQueryAttention(dim, heads, kv, name)
+    if name == "calibrated":
+        allocator: Any = module.allocator
+        allocator.set_groups(uneven_counts(heads, kv), list(range(heads)))
+    return module
 
 
 def sync_free(module: nn.Module, x: Tensor) -> bool:
@@ -128,12 +162,13 @@ def sync_free(module: nn.Module, x: Tensor) -> bool:
 
 def measure(name: str, shape_name: str, args: argparse.Namespace) -> dict[str, object]:
     shape = SHAPES[shape_name]
-    dtype = torch.bfloat16
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     torch._dynamo.reset()  # every scheme compiles afresh, within dynamo's recompile limit
-    module = build(name, shape).to("cuda", dtype).train()
+    module = build(name, shape).to(device, dtype).train()
     dim = shape["heads"] * shape["head_dim"]
-    x = torch.randn(shape["batch"], shape["tokens"], dim, device="cuda", dtype=dtype)
+    x = torch.randn(shape["batch"], shape["tokens"], dim, device=device, dtype=dtype)
     xg = x.clone().requires_grad_(True)
     grad = torch.randn_like(x)
     if isinstance(module, kdgqa.GroupedQueryAttention):
@@ -151,36 +186,45 @@ def measure(name: str, shape_name: str, args: argparse.Namespace) -> dict[str, o
         run(xg).backward(grad)
 
     record: dict[str, object] = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "shape": shape_name,
         **shape,
         "scheme": name,
-        "dtype": "bfloat16",
+        "dtype": str(dtype).removeprefix("torch."),
         "compiled": args.compile,
         "expand_method": args.expand_method,
-        "fwd_ms": round(time_ms(fwd, args.iters, args.warmup), 4),
-        "fwd_bwd_ms": round(time_ms(fwd_bwd, args.iters, args.warmup), 4),
+        "fwd_ms": round(time_ms(fwd, args.iters, args.warmup, device == "cuda"), 4),
+        "fwd_bwd_ms": round(time_ms(fwd_bwd, args.iters, args.warmup, device == "cuda"), 4),
         "torch": torch.__version__,
     }
-    if not name.startswith("loop-"):
+    if isinstance(module, kdgqa.GroupedQueryAttention):
+        record["counts"] = torch.bincount(
+            module.allocator.static_kv_index.cpu(), minlength=module.num_kv_heads).tolist()
+        if module.allocator.key_driven:
+            record["counts"] = "dynamic"
+    if not name.startswith("loop-") and device == "cuda":
         record["sync_free_fwd_bwd"] = sync_free(run, xg)
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
     parser.add_argument("--schemes", nargs="+", default=[*SCHEMES, *LOOP_KINDS],
                         choices=[*SCHEMES, *LOOP_KINDS])
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True)")
     parser.add_argument("--expand-method", default="auto",
-                        choices=["auto", "triton", "index_select", "advanced_index", "gather"])
+                        choices=["auto", "triton", "index_select", "advanced_index", "gather",
+                                 "split"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: fp32 wall-clock smoke run (no sync check)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, help="also write the JSON list here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/attention.py: error: needs a CUDA device", file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/attention.py: error: needs a CUDA device (or --device cpu)",
+              file=sys.stderr)
         return 2
     records = []
     for shape_name in args.shapes:

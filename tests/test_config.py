@@ -11,11 +11,13 @@ import yaml
 
 from kdgqa.config import (
     ConfigError,
+    apply_overrides,
     config_to_dict,
     default_config,
     describe_plan,
     load_config,
     parse_config,
+    resolve_scheme,
 )
 
 
@@ -99,7 +101,7 @@ def test_cli_dry_run_prints_plan_and_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")),
                          ids=lambda p: p.name)
 def test_presets_are_valid(path: Path) -> None:
     config = load_config(path)
@@ -114,3 +116,60 @@ def test_digits_preset_is_the_embedded_default() -> None:
 def test_pretrain_data_must_share_image_size() -> None:
     with pytest.raises(ConfigError, match=r"pretrain_data\.image_size=32 must equal"):
         parse_config({"pretrain_data": {"name": "tiny-imagenet", "root": "x", "image_size": 32}})
+
+
+def test_variants_put_one_scheme_in_several_forms_into_one_grid() -> None:
+    config = parse_config({"grid": {
+        "schemes": ["kdgqa", "kdgqa-ref", "dgqa-ema-ref"],
+        "scheme_options": {"dgqa-ema": {"window_size": 7}, "kdgqa-ref": {"min_queries": 1}},
+        "variants": {"kdgqa-ref": {"scheme": "kdgqa", "reference": True},
+                     "dgqa-ema-ref": {"scheme": "dgqa-ema", "reference": True}}}})
+    assert resolve_scheme(config.grid, "kdgqa") == ("kdgqa", {})
+    assert resolve_scheme(config.grid, "kdgqa-ref") == (
+        "kdgqa", {"reference": True, "min_queries": 1})
+    # A variant inherits its scheme's options.
+    assert resolve_scheme(config.grid, "dgqa-ema-ref") == (
+        "dgqa-ema", {"window_size": 7, "reference": True})
+    assert "variant kdgqa-ref" in describe_plan(config)
+
+
+@pytest.mark.parametrize(("variants", "expected"), [
+    ({"gqa": {"scheme": "kdgqa"}}, "'gqa' is already a scheme name"),
+    ({"x": {"scheme": "kdgqq"}}, r"grid.variants.x.scheme must name a scheme.*did you mean 'kdgqa'"),
+    ({"x": {"reference": True}}, "grid.variants.x.scheme must name a scheme"),
+    ({"x": {"scheme": "kdgqa", "bogus": 1}}, "grid cell x G=2"),
+])
+def test_bad_variants_name_the_problem(variants: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_config({"grid": {"schemes": [*variants], "variants": variants}})
+
+
+def test_overrides_set_nested_values_as_yaml() -> None:
+    raw = apply_overrides({"uptrain": {"lr": 1.0}}, [
+        "uptrain.lr=3e-4", "grid.kv_heads=[1]", "pretrain=null", "model.pretrained=a/b"])
+    assert raw == {"uptrain": {"lr": 3e-4}, "grid": {"kv_heads": [1]}, "pretrain": None,
+                   "model": {"pretrained": "a/b"}}
+    config = parse_config(raw)
+    assert config.uptrain.lr == 3e-4 and config.grid.kv_heads == [1] and config.pretrain is None
+
+
+@pytest.mark.parametrize(("item", "expected"), [
+    ("uptrain.lr", "expected KEY.PATH=VALUE"),
+    ("=3", "expected KEY.PATH=VALUE"),
+    ("uptrain..lr=3", "expected KEY.PATH=VALUE"),
+    ("uptrain.lr=[", "not valid YAML"),
+    ("uptrain.lr.x=1", "'lr' is not a mapping"),
+])
+def test_bad_overrides_name_the_problem(item: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        apply_overrides({"uptrain": {"lr": 1.0}}, [item])
+
+
+def test_cli_set_reaches_the_plan(tmp_path: Path) -> None:
+    result = _cli("experiment", "--dry-run", "--set", "uptrain.epochs=3", "--set",
+                  "grid.schemes=[gqa]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "uptrain: 3 epochs" in result.stdout and "grid: 1 schemes" in result.stdout
+    bad = _cli("experiment", "--dry-run", "--set", "uptrain.epochs=-1", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "kdgqa: error: uptrain.epochs must be >= 1, got -1")

@@ -16,14 +16,18 @@ from kdgqa.sources import create_timm_vit
 
 
 def _config(out: Path):  # type: ignore[no-untyped-def]
-    return parse_config({
+    return parse_config(_raw(out))
+
+
+def _raw(out: Path) -> dict:  # type: ignore[type-arg]
+    return {
         "output_dir": str(out), "device": "cpu", "progress": False,
         "model": {"embed_dim": 24, "depth": 1, "num_heads": 6},
         "pretrain": {"epochs": 2, "batch_size": 64, "lr": 3e-3},
         "uptrain": {"epochs": 1, "batch_size": 64, "lr": 1e-3, "allocation_every": 5},
         "grid": {"schemes": ["gqa", "dgqa-diff"], "kv_heads": [2, 3], "seeds": [0, 1],
                  "scheme_options": {"dgqa-diff": {"window_size": 4}}},
-    })
+    }
 
 
 def test_study_writes_results_report_and_resumes(tmp_path: Path) -> None:
@@ -76,3 +80,37 @@ def test_kv_cache_bytes_follow_kv_heads() -> None:
     assert kv_cache_bytes_per_token(model) == 3 * 2 * 6 * 4 * 2
     convert(model, "kdgqa", 4)
     assert kv_cache_bytes_per_token(model, torch.float32) == 3 * 2 * 4 * 4 * 4
+
+
+def test_shards_of_a_grid_merge_to_the_unsharded_study(tmp_path: Path) -> None:
+    from kdgqa.report import load_jsonl, merge_studies
+
+    pre = _config(tmp_path / "pre")
+    run_experiment(pre, pretrain_only=True, log=None)
+    model_dir = tmp_path / "pre" / "pretrain" / "model"
+    assert (model_dir / "kdgqa_config.json").is_file()
+    assert not (tmp_path / "pre" / "results.jsonl").exists()
+
+    def up(out: Path):  # type: ignore[no-untyped-def]
+        return parse_config({
+            **{k: v for k, v in _raw(out).items() if k != "pretrain"},
+            "pretrain": None, "model": {"pretrained": str(model_dir)},
+            "grid": {"schemes": ["gqa", "kdgqa-ref"], "kv_heads": [3], "seeds": [0],
+                     "variants": {"kdgqa-ref": {"scheme": "kdgqa", "reference": True}}},
+        })
+
+    whole = run_experiment(up(tmp_path / "whole"), log=None)
+    with pytest.raises(ConfigError, match="needs a ready MHA model"):
+        run_experiment(_config(tmp_path / "x"), shard=(0, 2), log=None)
+    with pytest.raises(ConfigError, match="out of range"):
+        run_experiment(up(tmp_path / "x"), shard=(2, 2), log=None)
+    shards = [run_experiment(up(tmp_path / f"s{i}"), shard=(i, 2), log=None) for i in (0, 1)]
+    merge_studies(shards, tmp_path / "merged")
+    expected = {r["run_id"]: r for r in load_jsonl(whole / "results.jsonl")}
+    merged = {r["run_id"]: r for r in load_jsonl(tmp_path / "merged" / "results.jsonl")}
+    assert set(merged) == set(expected) == {"mha-g6-s0", "gqa-g3-s0", "kdgqa-ref-g3-s0"}
+    for run_id, row in expected.items():
+        assert merged[run_id]["test_acc"] == row["test_acc"], run_id
+    assert merged["kdgqa-ref-g3-s0"]["base_scheme"] == "kdgqa"
+    assert merged["kdgqa-ref-g3-s0"]["scheme_options"] == {"reference": True}
+    assert "| kdgqa-ref | 3/6 | 1 |" in (tmp_path / "merged" / "report.md").read_text()

@@ -21,7 +21,8 @@ def keys(seed: int, batch: int = 2) -> torch.Tensor:
 
 def test_registry_lists_every_scheme():
     assert available_schemes() == [
-        "mha", "mqa", "gqa", "pgqa", "kdgqa", "dgqa-ema", "dgqa-diff",
+        "mha", "mqa", "gqa", "pgqa", "kdgqa", "dgqa-ema", "dgqa-diff", "kdgqa-ps",
+        "calibrated", "similarity",
     ]
 
 

@@ -23,13 +23,15 @@ class GroupedQueryAttention(nn.Module):
 
     How query heads map to KV heads is decided by the ``scheme`` (see
     ``kdgqa.available_schemes()``): fixed for ``mha``/``mqa``/``gqa``/``pgqa``, chosen from the
-    keys for ``kdgqa``/``dgqa-ema``/``dgqa-diff``. Scheme options (``reference``,
-    ``min_queries``, ``window_size``, ``beta``) are passed by keyword.
+    keys for ``kdgqa``/``dgqa-ema``/``dgqa-diff`` (one map per input for ``kdgqa-ps``), measured
+    once at conversion for ``calibrated``/``similarity``. Scheme options (``reference``,
+    ``min_queries``, ``window_size``, ``beta``, ...) are passed by keyword.
 
     The forward signature matches timm's ``Attention`` (``attn_mask``, ``is_causal``), so the
     module can replace it inside a timm ``Block``. Q, K and V come from one fused projection of
     width ``(H + 2G) * head_dim``; attention is a single SDPA call whatever the allocation.
-    After each forward, ``last_kv_index`` holds the map that was used.
+    After each forward, ``last_kv_index`` holds the map that was used: ``(H,)``, or ``(B, H)``
+    for per-input schemes.
     """
 
     def __init__(
@@ -81,7 +83,8 @@ class GroupedQueryAttention(nn.Module):
         self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.last_kv_index: Tensor | None = None
-        #: How uneven maps expand K/V (see ``kdgqa.ops.expand_kv``); kept for benchmarking.
+        #: How uneven maps expand K/V (see ``kdgqa.ops.expand_kv``; ``"split"`` runs static
+        #: uneven groups as one native-GQA call per group size); kept for benchmarking.
         self.expand_method = "auto"
 
     @property
@@ -105,6 +108,7 @@ class GroupedQueryAttention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             is_causal=is_causal,
             expand_method=self.expand_method,
+            static_counts=self.allocator.host_counts,
         )
         out = self.allocator.perturb(out, kv_index)
         self.last_kv_index = kv_index.detach()

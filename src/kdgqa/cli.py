@@ -16,7 +16,11 @@ from typing import NoReturn
 
 __all__ = ["COMMANDS", "CommandError", "build_parser", "main"]
 
-COMMANDS: tuple[str, ...] = ("kdgqa.commands.convert", "kdgqa.commands.experiment")
+COMMANDS: tuple[str, ...] = (
+    "kdgqa.commands.convert",
+    "kdgqa.commands.experiment",
+    "kdgqa.commands.report",
+)
 
 
 class CommandError(Exception):

@@ -8,6 +8,8 @@ silently ignored setting after hours of training.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import difflib
 import math
@@ -28,11 +30,13 @@ __all__ = [
     "GridConfig",
     "ModelConfig",
     "TrainConfig",
+    "apply_overrides",
     "config_to_dict",
     "default_config",
     "describe_plan",
     "load_config",
     "parse_config",
+    "resolve_scheme",
 ]
 
 DATASETS = ("digits", "cifar10", "cifar100", "food101", "tiny-imagenet", "imagefolder")
@@ -122,6 +126,10 @@ class GridConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     #: Keyword options per scheme, e.g. ``{"dgqa-ema": {"window_size": 20}}``.
     scheme_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Named variants usable in ``schemes``: ``{"kdgqa-ref": {"scheme": "kdgqa",
+    #: "reference": true}}``, so one grid can hold a scheme in several forms. A variant
+    #: inherits its scheme's ``scheme_options`` and overrides them with its own.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: How K/V projections of each group are pooled when converting.
     pooling: str = "mean"
     #: Also uptrain the unconverted MHA model with the same recipe, as a reference row.
@@ -298,7 +306,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     for key, value in override.items():
         if (
             isinstance(value, dict) and isinstance(out.get(key), dict)
-            and key != "scheme_options"
+            and key not in ("scheme_options", "variants")
         ):
             out[key] = _merge(out[key], value)
         elif isinstance(value, dict) and out.get(key) is None and key == "pretrain":
@@ -310,10 +318,40 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None) -> ExperimentConfig:
-    """Read a YAML file (or the embedded default when ``path`` is None) and validate it."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``raw`` with ``KEY.PATH=VALUE`` settings applied (VALUE read as YAML), e.g.
+    ``uptrain.lr=3e-4`` or ``grid.kv_heads=[1]``: tuning sweeps without a file per point."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. uptrain.lr=3e-4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 as a string; on a command line it means the number.
+            with contextlib.suppress(ValueError):
+                value = float(value) if value.strip().lower() not in ("nan", "inf") else value
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML file (or the embedded default when ``path`` is None), apply
+    ``overrides`` (see :func:`apply_overrides`) and validate it."""
     if path is None:
-        return parse_config({})
+        return parse_config(apply_overrides({}, overrides or []))
     path = Path(path)
     try:
         text = path.read_text()
@@ -327,6 +365,10 @@ def load_config(path: str | Path | None) -> ExperimentConfig:
         raise ConfigError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply") from None
+    if overrides:
+        if not isinstance(raw, dict | None):
+            raise ConfigError(f"{path}: the config must be a mapping at the top level")
+        raw = apply_overrides(raw or {}, overrides)
     return parse_config(raw)
 
 
@@ -424,10 +466,18 @@ def validate(config: ExperimentConfig) -> None:
     _require(len(g.seeds) > 0, "grid.seeds must not be empty")
     for what, values in (("schemes", g.schemes), ("kv_heads", g.kv_heads), ("seeds", g.seeds)):
         _require(len(set(values)) == len(values), f"grid.{what} has duplicates: {values}")
+    for label, spec in g.variants.items():
+        _require(label not in SCHEMES,
+                 f"grid.variants: {label!r} is already a scheme name; pick another label")
+        base = spec.get("scheme")
+        _require(isinstance(base, str) and base in SCHEMES,
+                 f"grid.variants.{label}.scheme must name a scheme ({', '.join(SCHEMES)}), "
+                 f"got {base!r}{_suggest(str(base), list(SCHEMES))}")
+    names = [*SCHEMES, *g.variants]
     for scheme in [*g.schemes, *g.scheme_options]:
-        _require(scheme in SCHEMES,
-                 f"grid: unknown scheme {scheme!r}{_suggest(scheme, list(SCHEMES))}; "
-                 f"valid schemes: {', '.join(SCHEMES)}")
+        _require(scheme in names,
+                 f"grid: unknown scheme {scheme!r}{_suggest(scheme, names)}; "
+                 f"valid schemes: {', '.join(names)}")
     _require(g.pooling in ("mean", "first", "random"),
              f"grid.pooling must be 'mean', 'first' or 'random', got {g.pooling!r}")
     if m.pretrained is None:
@@ -444,13 +494,23 @@ def _check_cells(config: ExperimentConfig) -> None:
     from kdgqa.schemes import build_allocator
 
     heads = config.model.num_heads
-    for scheme in config.grid.schemes:
-        options = config.grid.scheme_options.get(scheme, {})
+    for label in config.grid.schemes:
+        scheme, options = resolve_scheme(config.grid, label)
         for kv in config.grid.kv_heads:
             try:
                 build_allocator(scheme, heads, kv, **options)
             except ValueError as exc:
-                raise ConfigError(f"grid cell {scheme} G={kv}: {exc}") from None
+                raise ConfigError(f"grid cell {label} G={kv}: {exc}") from None
+
+
+def resolve_scheme(grid: GridConfig, label: str) -> tuple[str, dict[str, Any]]:
+    """The registered scheme behind a grid label and the options it is built with."""
+    variant = dict(grid.variants.get(label, {}))
+    scheme = str(variant.pop("scheme", label))
+    options = {**grid.scheme_options.get(scheme, {}), **variant}
+    if label != scheme:
+        options.update(grid.scheme_options.get(label, {}))
+    return scheme, options
 
 
 # --------------------------------------------------------------------------- plan
@@ -504,4 +564,6 @@ def describe_plan(config: ExperimentConfig, train_images: int | None = None) -> 
     lines.append(f"  schemes: {', '.join(g.schemes)}; kv_heads: {g.kv_heads}; seeds: {g.seeds}")
     for scheme, opts in g.scheme_options.items():
         lines.append(f"  {scheme} options: {opts}")
+    for label, spec in g.variants.items():
+        lines.append(f"  variant {label}: {spec}")
     return "\n".join(lines)

@@ -3,6 +3,8 @@
 Every supported self-attention module is swapped for a :class:`GroupedQueryAttention` whose
 query and output projections are the original ones, bit for bit, and whose K/V heads are
 pooled from the original heads of each contiguous group (mean pooling, as in GQA uptraining).
+Calibrated schemes choose the groups from data instead (``kdgqa.calibrate``); their query
+heads and output-projection columns are permuted together so each group is contiguous.
 Nothing else in the model is touched. Anything that looks like attention but is not a layout
 we know how to convert is reported by name *before* the model is modified, so a conversion
 either happens completely or not at all.
@@ -22,7 +24,7 @@ Supported layouts (read from the installed libraries, never from version strings
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,12 +293,17 @@ def read_mha_weights(module: nn.Module, path: str = "") -> MHAWeights:
 
 
 def pool_heads(
-    weight: Tensor, num_heads: int, num_kv_heads: int, pooling: str = "mean"
+    weight: Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    pooling: str = "mean",
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> Tensor:
-    """Pool ``num_heads`` row blocks of ``weight`` into ``num_kv_heads`` contiguous groups.
+    """Pool ``num_heads`` row blocks of ``weight`` into ``num_kv_heads`` groups.
 
-    ``weight`` is ``(num_heads * head_dim, ...)`` (a weight or a bias). Groups follow
-    :func:`kdgqa.even_counts`. ``mean`` averages each group (GQA's recipe), ``first`` keeps
+    ``weight`` is ``(num_heads * head_dim, ...)`` (a weight or a bias). Groups are the
+    contiguous runs of :func:`kdgqa.even_counts`, or ``groups`` (lists of head indices, any
+    order, one per KV head). ``mean`` averages each group (GQA's recipe), ``first`` keeps
     its first head, ``random`` draws fresh values with the group's standard deviation (a
     bias starts at zero) from torch's generator, the "random init" ablation of GQA.
     """
@@ -305,9 +312,12 @@ def pool_heads(
             f"unknown pooling {pooling!r}; valid pooling methods: {', '.join(POOLING_METHODS)}"
         )
     heads = weight.reshape(num_heads, -1, *weight.shape[1:])
-    groups = torch.split(heads, even_counts(num_heads, num_kv_heads), dim=0)
+    if groups is None:
+        parts: Sequence[Tensor] = torch.split(heads, even_counts(num_heads, num_kv_heads), 0)
+    else:
+        parts = [heads[list(group)] for group in groups]
     pooled: list[Tensor] = []
-    for group in groups:
+    for group in parts:
         if pooling == "mean":
             pooled.append(group.float().mean(0).to(weight.dtype))
         elif pooling == "first":
@@ -359,6 +369,7 @@ def _build_replacement(
     num_kv_heads: int,
     pooling: str,
     scheme_options: dict[str, Any],
+    groups: list[list[int]] | None = None,
 ) -> GroupedQueryAttention:
     heads, head_dim = weights.num_heads, weights.head_dim
     dim = weights.q_weight.shape[1]
@@ -381,25 +392,81 @@ def _build_replacement(
     new.to(device=ref.device)
     new.qkv.to(dtype=ref.dtype)
     new.proj.to(dtype=ref.dtype)
+    # With groups (calibrated schemes) query heads are permuted so each group is a
+    # contiguous run, and the output projection's input columns with them: the same function.
+    order = None if groups is None else [h for group in groups for h in group]
+
+    def queries(t: Tensor) -> Tensor:
+        return t if order is None else t.reshape(heads, -1, *t.shape[1:])[order].reshape(t.shape)
+
+    def pool(t: Tensor) -> Tensor:
+        return pool_heads(t, heads, num_kv_heads, pooling, groups)
+
+    o_weight = weights.o_weight
+    if order is not None:
+        o_weight = o_weight.reshape(o_weight.shape[0], heads, head_dim)[:, order]
     with torch.no_grad():
-        qkv_weight = torch.cat([
-            weights.q_weight,
-            pool_heads(weights.k_weight, heads, num_kv_heads, pooling),
-            pool_heads(weights.v_weight, heads, num_kv_heads, pooling),
-        ])
+        qkv_weight = torch.cat(
+            [queries(weights.q_weight), pool(weights.k_weight), pool(weights.v_weight)]
+        )
         new.qkv.weight.copy_(qkv_weight)
         if weights.q_bias is not None:
             assert weights.k_bias is not None and weights.v_bias is not None
-            new.qkv.bias.copy_(torch.cat([
-                weights.q_bias,
-                pool_heads(weights.k_bias, heads, num_kv_heads, pooling),
-                pool_heads(weights.v_bias, heads, num_kv_heads, pooling),
-            ]))
-        new.proj.weight.copy_(weights.o_weight)
+            new.qkv.bias.copy_(torch.cat(
+                [queries(weights.q_bias), pool(weights.k_bias), pool(weights.v_bias)]
+            ))
+        new.proj.weight.copy_(o_weight.reshape(weights.o_weight.shape))
         if weights.o_bias is not None:
             new.proj.bias.copy_(weights.o_bias)
+    if groups is not None:
+        allocator: Any = new.allocator
+        allocator.set_groups([len(g) for g in groups], order)
     new.train(module.training)
     return new
+
+
+def _calibrated_groups(
+    model: nn.Module,
+    plans: list[tuple[str, nn.Module, MHAWeights]],
+    scheme: str,
+    num_kv_heads: int,
+    calibration: Any,
+    scheme_options: dict[str, Any],
+) -> dict[str, Any]:
+    """Check ``calibration`` against the scheme; measure and plan groups where needed."""
+    from kdgqa.schemes import SCHEMES, CalibratedAllocator, build_allocator
+
+    cls = SCHEMES.get(scheme) if isinstance(scheme, str) else None
+    needs = cls is not None and cls.needs_calibration
+    if isinstance(calibration, str) and calibration == "recorded":
+        return {}
+    if needs and calibration is None:
+        raise ConversionError(
+            f"scheme {scheme!r} needs calibration=...: images (N, C, H, W) normalised like "
+            "the model's inputs, or an iterable of such batches"
+        )
+    if calibration is None:
+        return {}
+    if not needs:
+        users = ", ".join(n for n, c in SCHEMES.items() if c.needs_calibration)
+        raise ConversionError(f"calibration is only used by schemes {users}, not {scheme!r}")
+    # Validate the options and G on every layer before running the model.
+    allocators = []
+    for path, _, weights in plans:
+        try:
+            allocators.append(build_allocator(scheme, weights.num_heads, num_kv_heads,
+                                              **scheme_options))
+        except ValueError as error:
+            raise ConversionError(f"cannot convert module {path!r}: {error}") from None
+    allocator = allocators[0]
+    assert isinstance(allocator, CalibratedAllocator)
+    from kdgqa.calibrate import plan_groups
+
+    return plan_groups(
+        model, plans, num_kv_heads, calibration,
+        statistic=allocator.options["statistic"], equal=allocator.equal_groups,
+        values=allocator.uses_values, max_images=allocator.options["calibration_images"],
+    )
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -420,6 +487,8 @@ def convert(
     scheme: str,
     num_kv_heads: int,
     pooling: str = "mean",
+    *,
+    calibration: Any = None,
     **scheme_options: Any,
 ) -> nn.Module:
     """Replace every self-attention of ``model`` by a grouped-query one; return ``model``.
@@ -428,6 +497,15 @@ def convert(
     layer (``gqa`` needs H % G == 0; key-driven schemes accept uneven contiguous groups).
     All checks run before the first module is replaced, so on error the model is unchanged.
     The conversion settings are kept on ``model.kdgqa_conversion`` for saving.
+
+    Schemes that choose their groups from data (``calibrated``, ``similarity``) need
+    ``calibration``: images ``(N, C, H, W)`` normalised like the model's inputs, or an
+    iterable of such batches (``(images, labels)`` pairs too); at most the scheme's
+    ``calibration_images`` are used. The model is run on them in eval mode, each layer's
+    groups are chosen (``kdgqa.calibrate``), query heads are permuted so groups are
+    contiguous and each KV head is pooled from its own group; the plans are kept on
+    ``model.kdgqa_conversion["calibration"]``. ``calibration="recorded"`` builds the
+    structure only, for a state dict that holds the allocation (how checkpoints reload).
     """
     if pooling not in POOLING_METHODS:
         raise ConversionError(
@@ -438,12 +516,14 @@ def convert(
     found = find_attention(model)
     plans = [(path, module, read_mha_weights(module, path)) for path, module in found]
     heads = {w.num_heads for _, _, w in plans}
+    groups = _calibrated_groups(model, plans, scheme, num_kv_heads, calibration, scheme_options)
     # Build every replacement first: scheme or G errors surface before the model changes.
     replacements: list[tuple[str, GroupedQueryAttention]] = []
     for path, module, weights in plans:
         try:
             new = _build_replacement(
-                module, weights, scheme, num_kv_heads, pooling, dict(scheme_options)
+                module, weights, scheme, num_kv_heads, pooling, dict(scheme_options),
+                groups[path].groups if groups else None,
             )
         except ConversionError:
             raise
@@ -460,5 +540,14 @@ def convert(
         "scheme_options": dict(replacements[0][1].scheme_options),
         "layers": [path for path, _ in replacements],
     }
+    if getattr(replacements[0][1].allocator, "needs_calibration", False):
+        # Reloading rebuilds the structure only; the allocation is in the state dict.
+        conversion["scheme_options"]["calibration"] = "recorded"
+    if groups:
+        conversion["calibration"] = {
+            path: {"groups": plan.groups, "loss": plan.loss,
+                   "contiguous_loss": plan.contiguous_loss}
+            for path, plan in groups.items()
+        }
     setattr(model, "kdgqa_conversion", conversion)  # noqa: B010 (nn.Module attribute typing)
     return model

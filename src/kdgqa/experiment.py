@@ -31,7 +31,13 @@ import yaml
 from torch import nn
 
 from kdgqa.attention import GroupedQueryAttention
-from kdgqa.config import ConfigError, DataConfig, ExperimentConfig, config_to_dict
+from kdgqa.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    config_to_dict,
+    resolve_scheme,
+)
 from kdgqa.data import Augment, Batches, DataSplits, check_dataset, load_splits
 from kdgqa.distributed import DistContext, broadcast_object, resolve_device
 from kdgqa.durable import append_jsonl, atomic_write, read_jsonl, replace_dir
@@ -53,7 +59,7 @@ HISTORY = "history.jsonl"
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One grid cell: a scheme at a KV-head count with a seed."""
+    """One grid cell: a scheme (or a named variant of one) at a KV-head count with a seed."""
 
     scheme: str
     kv_heads: int
@@ -64,12 +70,20 @@ class RunSpec:
         return f"{self.scheme}-g{self.kv_heads}-s{self.seed}"
 
 
-def grid_runs(config: ExperimentConfig, num_heads: int) -> list[RunSpec]:
-    """Runs in execution order: MHA references first (when asked), then seeds innermost."""
+def grid_runs(config: ExperimentConfig, num_heads: int,
+              shard: tuple[int, int] | None = None) -> list[RunSpec]:
+    """Runs in execution order: MHA references first (when asked), then seeds innermost.
+
+    ``shard=(i, n)`` keeps every n-th run starting at i, so n processes (one per GPU) split
+    a grid between them without talking to each other; ``kdgqa report`` merges their outputs.
+    """
     g = config.grid
     runs = [RunSpec("mha", num_heads, s) for s in g.seeds] if g.include_mha else []
     runs += [RunSpec(scheme, kv, seed) for kv in g.kv_heads for scheme in g.schemes
              for seed in g.seeds]
+    if shard is not None:
+        index, count = shard
+        runs = runs[index::count]
     return runs
 
 
@@ -129,7 +143,8 @@ def _build_base(config: ExperimentConfig, channels: int, num_classes: int) -> nn
     if m.pretrained:
         from kdgqa.sources import load_model
 
-        model = load_model(m.pretrained)
+        # Checkpoints may be stored in bf16 to travel light; training needs fp32 masters.
+        model = load_model(m.pretrained).float()
         reset = getattr(model, "reset_classifier", None)
         if reset is not None and getattr(model, "num_classes", num_classes) != num_classes:
             reset(num_classes)
@@ -182,12 +197,12 @@ def preflight(config: ExperimentConfig, resume: bool = False) -> None:
 
         heads = _model_heads(_architecture_only(config.model.pretrained, load_model))
         for kv in config.grid.kv_heads:
-            for scheme in config.grid.schemes:
+            for label in config.grid.schemes:
+                scheme, options = resolve_scheme(config.grid, label)
                 try:
-                    build_allocator(scheme, heads, kv,
-                                    **config.grid.scheme_options.get(scheme, {}))
+                    build_allocator(scheme, heads, kv, **options)
                 except ValueError as exc:
-                    raise ConfigError(f"grid cell {scheme} G={kv} does not fit the pretrained "
+                    raise ConfigError(f"grid cell {label} G={kv} does not fit the pretrained "
                                       f"model ({heads} heads): {exc}") from None
 
 
@@ -226,11 +241,27 @@ def run_experiment(
     resume: bool = False,
     ctx: DistContext | None = None,
     log: Callable[[str], None] | None = print,
+    pretrain_only: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     """Run the study described by ``config``; return the output directory.
 
     Under ``torchrun`` every rank calls this with the same config; rank 0 writes the files.
+    ``pretrain_only`` stops after the MHA model is saved (``OUT/pretrain/model``), e.g. to
+    pretrain with DDP on all GPUs and then split the grid with ``shard`` (see
+    :func:`grid_runs`); a shard needs a ready model (``model.pretrained``).
     """
+    if pretrain_only and config.pretrain is None:
+        raise ConfigError("pretrain_only needs a pretrain recipe, but pretrain is null")
+    if shard is not None:
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise ConfigError(f"shard {index}/{count} is out of range; expected I/N with "
+                              "0 <= I < N")
+        if config.pretrain is not None:
+            raise ConfigError("a shard runs part of the grid and needs a ready MHA model: "
+                              "run with pretrain_only first, then set model.pretrained to "
+                              "OUT/pretrain/model and pretrain to null")
     from kdgqa.convert import convert
     from kdgqa.report import write_report
 
@@ -287,6 +318,9 @@ def run_experiment(
                 replace_dir(model_dir, lambda d: save_pretrained(base, d))
                 (pre_dir / "checkpoint.pt").unlink(missing_ok=True)
             ctx.barrier()
+        if pretrain_only:
+            emit(f"pretrained model: {model_dir}")
+            return out
     if pre_splits is not splits:
         torch.manual_seed(config.seed)
         base.reset_classifier(splits.num_classes)  # type: ignore[operator]
@@ -295,16 +329,21 @@ def run_experiment(
 
     # 2. The grid.
     done = _done_runs(out / RESULTS)
-    runs = grid_runs(config, heads)
+    runs = grid_runs(config, heads, shard)
     for index, spec in enumerate(runs):
         if spec.run_id in done:
             continue
         run_dir = out / "runs" / spec.run_id
         torch.manual_seed(spec.seed)
         model = copy.deepcopy(base)
-        options = config.grid.scheme_options.get(spec.scheme, {})
-        if spec.scheme != "mha":
-            convert(model, spec.scheme, spec.kv_heads, pooling=config.grid.pooling, **options)
+        scheme, options = resolve_scheme(config.grid, spec.scheme)
+        if scheme != "mha":
+            from kdgqa.calibrate import calibration_arguments
+
+            # Calibrated schemes measure the first training images (no augmentation).
+            extra = calibration_arguments(scheme, options, splits.train, config.data)
+            convert(model, scheme, spec.kv_heads, pooling=config.grid.pooling, **options,
+                    **extra)
         model.to(ctx.device)
         tb, vb, teb = _batches(config.data, splits, config.uptrain.batch_size, spec.seed, ctx)
         converted = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
@@ -313,6 +352,7 @@ def run_experiment(
                     desc=f"[{index + 1}/{len(runs)}] {spec.run_id}", ctx=ctx)
         test = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
         row = _result_row(spec, heads, model, res, converted, test, env, ctx)
+        row.update(base_scheme=scheme, scheme_options=options)
         emit(f"[{index + 1}/{len(runs)}] {spec.run_id}: test acc {test['acc']:.4f} "
              f"(after conversion {converted['acc']:.4f}), {res.images_per_s:.0f} img/s")
         if ctx.is_main:

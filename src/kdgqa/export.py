@@ -23,7 +23,12 @@ from torch import Tensor, nn
 
 from kdgqa.attention import GroupedQueryAttention
 from kdgqa.convert import iter_grouped
-from kdgqa.schemes import DGQAAllocator, KDGQAAllocator, PGQAAllocator
+from kdgqa.schemes import (
+    DGQAAllocator,
+    KDGQAAllocator,
+    PerSampleKDGQAAllocator,
+    PGQAAllocator,
+)
 from kdgqa.sources import base_spec, build_base
 
 __all__ = ["ExportError", "export_mha", "fixed_kv_index"]
@@ -45,10 +50,10 @@ def fixed_kv_index(module: GroupedQueryAttention, path: str = "") -> Tensor:
     allocator: Any = module.allocator
     reference = bool(allocator.options.get("reference", False))
     label = path or "<root>"
-    if isinstance(allocator, KDGQAAllocator):
+    if isinstance(allocator, (KDGQAAllocator, PerSampleKDGQAAllocator)):
         raise ExportError(
-            f"cannot export {label!r}: scheme 'kdgqa' chooses its allocation from the keys on "
-            "every input, so no fixed MHA checkpoint is equivalent"
+            f"cannot export {label!r}: scheme {allocator.name!r} chooses its allocation from "
+            "the keys on every input, so no fixed MHA checkpoint is equivalent"
         )
     if isinstance(allocator, DGQAAllocator):
         if reference:

@@ -23,6 +23,7 @@ __all__ = [
     "SummaryRow",
     "load_jsonl",
     "markdown_table",
+    "merge_studies",
     "paired_interval",
     "summarize",
     "write_report",
@@ -285,3 +286,44 @@ def write_report(out_dir: str | Path) -> str:
     text += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in plots)]
     (out / "report.md").write_text("\n".join(text) + "\n")
     return table
+
+
+def merge_studies(sources: Sequence[str | Path], out_dir: str | Path) -> str:
+    """Gather the runs of several study directories (e.g. one per GPU, ``--shard``) into
+    ``out_dir`` and write its report there; return the table.
+
+    A run id present in two sources must be the same run (same test accuracy), otherwise
+    the merge stops with ``ValueError`` before writing anything: a silent choice between
+    two different results would make the table unreproducible.
+    """
+    out = Path(out_dir)
+    dirs = [Path(s) for s in sources]
+    for d in dirs:
+        if not (d / "results.jsonl").is_file():
+            raise ValueError(f"{str(d)!r} is not a study directory (no results.jsonl)")
+    results: dict[str, dict[str, Any]] = {}
+    for d in dirs:
+        for row in load_jsonl(d / "results.jsonl"):
+            old = results.get(row["run_id"])
+            if old is not None and old["test_acc"] != row["test_acc"]:
+                raise ValueError(f"run {row['run_id']!r} appears with different results in "
+                                 f"two sources; merge only shards of one study")
+            results.setdefault(row["run_id"], row)
+    extra: dict[str, list[dict[str, Any]]] = {"allocation.jsonl": [], "history.jsonl": []}
+    for name, rows in extra.items():
+        seen: set[Any] = set()
+        for d in dirs:
+            part = [r for r in load_jsonl(d / name) if r.get("run_id") not in seen]
+            rows.extend(part)
+            seen.update(r.get("run_id") for r in part)
+    meta_src = next((d / "meta.json" for d in dirs if (d / "meta.json").is_file()), None)
+    out.mkdir(parents=True, exist_ok=True)
+    if meta_src is not None and meta_src.resolve() != (out / "meta.json").resolve():
+        meta = json.loads(meta_src.read_text())
+        meta["merged_from"] = [str(d) for d in dirs]
+        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    for name, rows in [("results.jsonl", list(results.values())), *extra.items()]:
+        tmp = out / f".{name}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(out / name)
+    return write_report(out)

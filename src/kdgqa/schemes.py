@@ -8,7 +8,7 @@ An allocator decides, on each forward pass, which KV head every query head reads
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -44,6 +44,12 @@ class QueryAllocator(nn.Module):
     #: True when the map is fixed and every KV head serves H // G contiguous query heads,
     #: which lets the attention op use SDPA's native ``enable_gqa`` path.
     uniform: bool = True
+    #: True when ``kdgqa.convert`` must measure the model on calibration images first.
+    needs_calibration: ClassVar[bool] = False
+    #: Group sizes as host ints when the map is fixed, uneven and contiguous (the query heads
+    #: of KV head ``g`` are the ``host_counts[g]`` after those of ``g - 1``): the attention op
+    #: can then run one native-GQA call per group size with no host sync.
+    host_counts: tuple[int, ...] | None = None
     static_kv_index: Tensor
 
     def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
@@ -221,6 +227,35 @@ class KDGQAAllocator(KeyDrivenAllocator):
         return kv_index[0]
 
 
+class PerSampleKDGQAAllocator(KeyDrivenAllocator):
+    """KDGQA with one allocation per input, chosen from that input's own keys.
+
+    The paper sums key norms over the batch, so an image's head map (and so its prediction)
+    depends on the other images it is batched with, and on the batch size at evaluation.
+    Here each input's Frobenius key norms (tokens x head_dim, fp32) are apportioned on their
+    own row: ``forward`` returns a ``(B, H)`` map, which the attention op consumes in the
+    same single gather + SDPA call as a shared map. Nothing is reduced across the batch or
+    across data-parallel ranks (``stats_reducer`` is ignored), so an input's allocation is
+    the same whatever batch, position or rank it is in, and evaluation is independent of
+    the batch size (up to the bitwise reproducibility of the projection's matmul across
+    batch sizes, which decides exact ties). ``min_queries`` (default 1) keeps every KV head
+    in use for every input. No host sync; on CUDA the apportionment is the same fused
+    Triton kernel, one program per input.
+
+    A distinct scheme rather than a ``per_sample`` option of ``kdgqa``: its maps have
+    another shape, it has no official reference behaviour, it needs no DDP reducer, and a
+    separate name keeps it a separate row in studies and reports.
+    """
+
+    name = "kdgqa-ps"
+    option_defaults = MappingProxyType({"min_queries": 1})
+
+    def forward(self, k: Tensor) -> Tensor:
+        scores = key_norms(k, per_sample=True)
+        _, kv_index = apportion(scores, self.num_heads, self.options["min_queries"])
+        return kv_index
+
+
 class DGQAAllocator(KeyDrivenAllocator):
     """Dynamic GQA: allocation from key norms tracked over training, refreshed every window.
 
@@ -358,6 +393,121 @@ class DGQADiffAllocator(DGQAAllocator):
     flavour = "diff"
 
 
+#: Statistics a calibrated scheme can measure (see ``kdgqa.calibrate``).
+CALIBRATION_STATISTICS = ("attention", "energy")
+
+
+class CalibratedAllocator(QueryAllocator):
+    """A static, possibly uneven allocation measured on calibration images at conversion.
+
+    ``kdgqa.convert(model, "calibrated", G, calibration=images)`` measures every attention
+    layer on the images, picks the partition of the H original heads into G groups whose
+    mean-pooled K/V lose the least (``kdgqa.calibrate``), permutes the query heads (and the
+    output projection's columns) so each group is a contiguous run, biggest groups first,
+    and pools each KV head from exactly the heads it serves. The allocator then only holds
+    the result: ``counts`` (queries per KV head) and ``head_order`` (the original head at
+    each query position), both saved in the ``state_dict``. The map never changes, so it
+    costs nothing at run time: uneven groups run as one native-GQA SDPA call per distinct
+    group size (``kdgqa.ops.grouped_attention``), equal groups as plain static GQA.
+
+    Options: ``calibration_images`` (how many images to measure, default 512) and
+    ``statistic`` (``attention``, default: error of the attention logits and outputs;
+    ``energy``: plain key/value energy; see ``kdgqa.calibrate``). Built without calibration
+    (or before its state is loaded), it is static GQA with even contiguous groups.
+    """
+
+    name = "calibrated"
+    needs_calibration = True
+    #: Whether groups must all have H // G heads (the similarity baseline).
+    equal_groups: ClassVar[bool] = False
+    #: Whether the value pooling error counts in the objective (keys always do).
+    uses_values: ClassVar[bool] = True
+    option_defaults = MappingProxyType({"calibration_images": 512, "statistic": "attention"})
+    counts: Tensor
+    head_order: Tensor
+
+    def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
+        if self.equal_groups:
+            _require_divisible(self.name, num_heads, num_kv_heads)
+        super().__init__(num_heads, num_kv_heads, **options)
+        images = self.options["calibration_images"]
+        if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+            raise ValueError(f"scheme {self.name!r}: calibration_images must be an integer "
+                             f">= 1, got {images!r}")
+        if self.options["statistic"] not in CALIBRATION_STATISTICS:
+            raise ValueError(
+                f"scheme {self.name!r}: unknown statistic {self.options['statistic']!r}; "
+                f"valid: {', '.join(CALIBRATION_STATISTICS)}"
+            )
+        counts = even_counts(num_heads, num_kv_heads)
+        self.register_buffer("counts", torch.tensor(counts))
+        self.register_buffer("head_order", torch.arange(num_heads))
+        self._use_counts(counts)
+        self.register_load_state_dict_post_hook(_calibrated_after_load)
+
+    def _use_counts(self, counts: Sequence[int]) -> None:
+        self.host_counts = tuple(int(c) for c in counts)
+        self.uniform = len(set(self.host_counts)) == 1
+        counts_t = torch.tensor(self.host_counts, device=self.static_kv_index.device)
+        self.static_kv_index.copy_(counts_to_kv_index(counts_t, self.num_heads))
+
+    def check_groups(self, counts: Sequence[int], head_order: Sequence[int]) -> None:
+        """Raise ``ValueError`` unless ``counts``/``head_order`` describe a valid allocation."""
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        if len(counts) != kv_heads or any(int(c) < 1 for c in counts) or sum(counts) != heads:
+            raise ValueError(f"scheme {self.name!r}: counts {list(counts)} must be "
+                             f"{kv_heads} integers >= 1 summing to {heads}")
+        if self.equal_groups and len(set(counts)) != 1:
+            raise ValueError(f"scheme {self.name!r} needs equal groups, got counts "
+                             f"{list(counts)}")
+        if sorted(int(h) for h in head_order) != list(range(heads)):
+            raise ValueError(f"scheme {self.name!r}: head_order {list(head_order)} is not a "
+                             f"permutation of range({heads})")
+
+    def set_groups(self, counts: Sequence[int], head_order: Sequence[int]) -> None:
+        """Install an allocation: ``counts[g]`` contiguous query heads per KV head ``g``;
+        query position ``p`` holds original head ``head_order[p]`` (for the record)."""
+        self.check_groups(counts, head_order)
+        self.counts.copy_(torch.tensor([int(c) for c in counts]))
+        self.head_order.copy_(torch.tensor([int(h) for h in head_order]))
+        self._use_counts(counts)
+
+    def groups(self) -> list[list[int]]:
+        """The original heads pooled into each KV head, in KV-head order."""
+        order = self.head_order.tolist()
+        out, start = [], 0
+        for count in self.counts.tolist():
+            out.append(order[start:start + count])
+            start += count
+        return out
+
+
+def _calibrated_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """Check the loaded allocation and rebuild the host copy and map derived from it."""
+    assert isinstance(module, CalibratedAllocator)
+    if module.counts.device.type == "meta":
+        return
+    counts, order = module.counts.tolist(), module.head_order.tolist()
+    module.check_groups(counts, order)
+    module._use_counts(counts)
+
+
+class SimilarityAllocator(CalibratedAllocator):
+    """Baseline: equal groups of heads whose keys are most alike, measured on calibration.
+
+    Like ``calibrated`` but every KV head serves exactly H // G query heads and only the
+    keys' pooling error counts: the partition clusters heads by key similarity (with the
+    default ``statistic="energy"``, k-means of the heads' key activations into equal
+    clusters, solved exactly when small). Groups are permuted to contiguous runs and
+    pooled from their own heads, so it runs as plain static GQA (native ``enable_gqa``).
+    """
+
+    name = "similarity"
+    equal_groups = True
+    uses_values = False
+    option_defaults = MappingProxyType({"calibration_images": 512, "statistic": "energy"})
+
+
 def set_stats_reducer(model: nn.Module, reducer: Callable[[Tensor], Tensor] | None) -> None:
     """Install ``reducer`` (e.g. a sum all-reduce) on every key-driven allocator in ``model``."""
     for module in model.modules():
@@ -387,6 +537,9 @@ SCHEMES: Mapping[str, type[QueryAllocator]] = MappingProxyType(
             KDGQAAllocator,
             DGQAEmaAllocator,
             DGQADiffAllocator,
+            PerSampleKDGQAAllocator,
+            CalibratedAllocator,
+            SimilarityAllocator,
         )
     }
 )

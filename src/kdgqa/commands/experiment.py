@@ -23,13 +23,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config, print the plan and exit without training")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set uptrain.lr=3e-4 (repeatable)")
+    parser.add_argument("--pretrain-only", action="store_true",
+                        help="stop after the MHA model is pretrained and saved")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run only every N-th grid run starting at I (one process per "
+                             "GPU); merge the outputs with `kdgqa report`")
 
 
 def run(args: argparse.Namespace) -> int:
     from kdgqa.config import describe_plan, load_config, validate
     from kdgqa.experiment import preflight, run_experiment
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
+    shard = parse_shard(args.shard) if args.shard is not None else None
     if args.output_dir is not None:
         config.output_dir = args.output_dir
     if args.device is not None:
@@ -48,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     ctx = init_distributed(config.device)
     try:
         run_experiment(config, resume=args.resume, ctx=ctx,
-                       log=lambda m: print(m, flush=True))
+                       log=lambda m: print(m, flush=True),
+                       pretrain_only=args.pretrain_only, shard=shard)
     except TrainingDiverged as error:
         # Not an input error: the run started and failed, so status 1, still one line.
         print(f"kdgqa: error: {' '.join(str(error).split())}", file=sys.stderr)
@@ -56,6 +66,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutdown_distributed(ctx)
     return 0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with 0 <= I < N, or ValueError naming the expected form."""
+    index, sep, count = text.partition("/")
+    if sep and index.strip().isdigit() and count.strip().isdigit():
+        i, n = int(index), int(count)
+        if 0 <= i < n:
+            return i, n
+    raise ValueError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,634 @@
+"""Calibrated static allocation: measure the heads on images, group them, pool each group.
+
+GQA conversion mean-pools the K/V projections of each group of heads. How much the pooled
+KV head differs from the heads it replaces depends on *which* heads share it, and the paper
+always takes contiguous runs (heads 0-1, 2-3, ...) whatever the allocation becomes. This
+module picks the groups from data instead, once, at conversion time.
+
+**What is measured.** A forward pre-hook on every attention layer accumulates, in fp64,
+the second moment of the layer's input ``x`` augmented with a constant 1
+(``sum_t [x_t, 1][x_t, 1]^T``) and the same for the per-image token means. Every query,
+key and value is an affine function of ``x``, so any second moment between heads follows
+exactly from these and the weights: ``sum_t k_i k_j^T = Wk_i S Wk_j^T`` (bias folded in).
+The cost is one ``(C+1) x (C+1)`` matrix per layer, whatever the number of images.
+
+**What is minimised.** Mean pooling a group ``S`` gives every head ``i`` in it the key
+``k_S = mean_{j in S} k_j`` (weights are pooled, and keys are linear in the weights), so
+head ``i`` loses ``d_i = k_i - k_S``. With ``T[i, j, l] = tr(M_i Sigma_jl)`` (``M_i`` a
+per-head weighting, ``Sigma_jl = sum_t k_j k_l^T``) the loss of the group is exactly::
+
+    sum_{i in S} T[i,i,i] - (2/|S|) sum_{i,j in S} T[i,i,j] + (1/|S|^2) sum_{i,j,l in S} T[i,j,l]
+
+Two statistics fill in ``M`` and ``Sigma``:
+
+* ``attention`` (default for ``calibrated``): the error of what attention computes. For keys,
+  ``M_i`` is head ``i``'s query second moment per token, so the loss is the squared error of
+  its attention *logits* ``q_i . d_i``; keys are centred per image first, because a key
+  offset shared by all tokens of an image shifts every logit of a query equally and
+  softmax ignores it (the key bias drops out entirely). For values, ``M_i = Wo_i^T Wo_i``
+  (head ``i``'s block of the output projection), so the loss is the squared error the value
+  change causes in the layer's output, before attention averages it (an upper bound).
+* ``energy`` (default for ``similarity``): ``M_i = I`` and no centring, i.e. the plain
+  squared distance of each head's keys (values) from the group mean: k-means of the heads'
+  activations.
+
+The key and the value terms are each divided by their total (the loss of pooling every head
+into nothing), so the objective is the fraction of logit (key) plus output (value) energy
+lost, and neither term dominates by its units. The search takes the partition of the H heads
+into G non-empty groups with the least total loss: by enumeration when the partitions are
+few (H = 6: 31 for G = 2, 90 for G = 3), else by steepest-descent moves and swaps from an
+agglomerative start plus seeded random restarts. Groups come out uneven where some heads
+are outliers (a head unlike the others keeps a KV head to itself).
+
+**Why not the paper's key norms.** A key norm says how large a head's keys are, not which
+heads can share one KV head: two heads with equal norms may attend along orthogonal key
+directions (pooling them destroys both), and two heads with very different norms may differ
+only by a scale or an offset softmax ignores. Norms cannot choose *groups* at all; the
+pairwise statistics above can, and they price exactly what mean pooling does. Norms also
+drift in training, while a static allocation must be right for the pooled initialisation
+it is built with.
+
+The conversion itself (``kdgqa.convert``) then permutes each layer's query heads so every
+group is a contiguous run, biggest first (and the output projection's input columns with
+them, which leaves the function unchanged), pools each KV head from exactly its group, and
+stores the group sizes in the allocator: a static allocation that runs at static-GQA speed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdgqa.allocation import even_counts
+from kdgqa.convert import ConversionError, MHAWeights
+
+__all__ = [
+    "EXHAUSTIVE_LIMIT",
+    "RECORDED",
+    "GroupPlan",
+    "InputMoments",
+    "PoolingObjective",
+    "calibration_arguments",
+    "check_calibration",
+    "count_partitions",
+    "load_calibration",
+    "measure",
+    "plan_groups",
+    "pooling_terms",
+    "search_partition",
+    "training_images",
+]
+
+#: ``convert(..., calibration=RECORDED)`` builds a calibrated model's structure only; its
+#: allocation comes from the state dict loaded next (how checkpoints are reloaded).
+RECORDED = "recorded"
+#: Enumerate every partition when there are at most this many; search locally otherwise.
+EXHAUSTIVE_LIMIT = 100_000
+#: Random restarts of the local search, drawn from a generator with this fixed seed.
+RESTARTS = 16
+SEED = 0
+#: Images per forward pass while measuring.
+BATCH_SIZE = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+@dataclass
+class InputMoments:
+    """Second moments of one attention layer's input over the calibration tokens (fp64).
+
+    ``second`` is ``sum_t x~_t x~_t^T`` with ``x~ = [x, 1]``; ``image_means`` is
+    ``sum_b n_b m~_b m~_b^T`` for the per-image token means ``m~_b``, so ``second -
+    image_means`` is the second moment of the tokens centred per image.
+    """
+
+    second: Tensor
+    image_means: Tensor
+    tokens: int = 0
+    images: int = 0
+
+    @classmethod
+    def zeros(cls, width: int, device: torch.device) -> InputMoments:
+        shape = (width + 1, width + 1)
+        return cls(torch.zeros(shape, dtype=torch.float64, device=device),
+                   torch.zeros(shape, dtype=torch.float64, device=device))
+
+    def add(self, x: Tensor) -> None:
+        """Accumulate a batch of layer inputs ``(B, N, C)``."""
+        batch, tokens, width = x.shape
+        ones = x.new_ones(batch, tokens, 1, dtype=torch.float64)
+        aug = torch.cat([x.detach().to(torch.float64), ones], dim=-1)
+        flat = aug.reshape(-1, width + 1)
+        self.second += flat.T @ flat
+        means = aug.mean(dim=1)
+        self.image_means += tokens * (means.T @ means)
+        self.tokens += batch * tokens
+        self.images += batch
+
+
+def _layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if args:
+        return args[0]
+    return kwargs.get("hidden_states", kwargs.get("x"))
+
+
+def _image_batches(calibration: Any, batch_size: int) -> Iterator[Tensor]:
+    """Batches ``(b, C, H, W)`` from a tensor of images or an iterable of batches."""
+    if isinstance(calibration, Tensor):
+        items: Iterable[Any] = [calibration]
+    elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes)):
+        items = calibration
+    else:
+        raise ConversionError(
+            f"calibration must be images (N, C, H, W) as a tensor or an iterable of such "
+            f"batches, got {type(calibration).__qualname__}"
+        )
+    for item in items:
+        if isinstance(item, (tuple, list)) and item:  # (images, labels) pairs
+            item = item[0]
+        if not isinstance(item, Tensor) or item.dim() != 4 or not item.is_floating_point():
+            shape = tuple(item.shape) if isinstance(item, Tensor) else type(item).__qualname__
+            raise ConversionError(
+                f"calibration images must be float tensors (N, C, H, W) normalised like the "
+                f"model's inputs, got {shape}"
+            )
+        yield from item.split(batch_size)
+
+
+def measure(
+    model: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    calibration: Any,
+    max_images: int,
+    batch_size: int = BATCH_SIZE,
+) -> dict[str, InputMoments]:
+    """Run ``model`` (in eval mode, no grad) on up to ``max_images`` calibration images and
+    return the input moments of each of ``modules``, keyed by path. The model is left as it
+    was (training flags included); raises :class:`ConversionError` on unusable input."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    moments: dict[str, InputMoments] = {}
+
+    def hook_for(path: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _layer_input(args, kwargs)
+            if not isinstance(x, Tensor) or x.dim() != 3:
+                raise ConversionError(f"cannot calibrate {path!r}: its input is not a "
+                                      "(batch, tokens, channels) tensor")
+            if path not in moments:
+                moments[path] = InputMoments.zeros(x.shape[-1], x.device)
+            moments[path].add(x)
+
+        return hook
+
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(hook_for(p), with_kwargs=True) for p, m in modules]
+    seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in _image_batches(calibration, batch_size):
+                batch = batch[: max_images - seen]
+                try:
+                    model(batch.to(device=device, dtype=dtype))
+                except ConversionError:
+                    raise
+                except (RuntimeError, TypeError, ValueError, AssertionError) as error:
+                    message = " ".join(str(error).split())[:300]
+                    raise ConversionError(
+                        f"calibration images {tuple(batch.shape)} do not fit the model: "
+                        f"{message}"
+                    ) from None
+                seen += batch.shape[0]
+                if seen >= max_images:
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+    if seen == 0:
+        raise ConversionError("calibration gave no images")
+    missing = [path for path, _ in modules if path not in moments]
+    if missing:
+        raise ConversionError(f"calibration never reached attention module {missing[0]!r}")
+    return moments
+
+
+# --------------------------------------------------------------------------------------------
+# The objective
+
+
+def _augmented(weight: Tensor, bias: Tensor | None, device: torch.device) -> Tensor:
+    w = weight.detach().to(device=device, dtype=torch.float64)
+    b = (bias.detach().to(device=device, dtype=torch.float64) if bias is not None
+         else w.new_zeros(w.shape[0]))
+    return torch.cat([w, b[:, None]], dim=1)
+
+
+def _blocks(weight: Tensor, moment: Tensor, heads: int, dim: int) -> Tensor:
+    """``Sigma[j, :, l, :] = W_j S W_l^T`` for all head pairs: ``(H, D, H, D)``."""
+    return (weight @ moment @ weight.T).view(heads, dim, heads, dim)
+
+
+def _normalised(terms: Tensor) -> Tensor:
+    total = torch.einsum("iii->", terms)
+    return terms / total if float(total) > 0 else torch.zeros_like(terms)
+
+
+def pooling_terms(
+    weights: MHAWeights, moments: InputMoments, statistic: str = "attention",
+    values: bool = True,
+) -> np.ndarray:
+    """The ``(H, H, H)`` tensor ``T`` of the module docstring for one layer (keys, plus
+    values when ``values``), each part normalised by its total. ``float64`` numpy."""
+    heads, dim = weights.num_heads, weights.head_dim
+    device = moments.second.device
+    k = _augmented(weights.k_weight, weights.k_bias, device)
+    v = _augmented(weights.v_weight, weights.v_bias, device)
+    if statistic == "attention":
+        q = _augmented(weights.q_weight, weights.q_bias, device)
+        q_blocks = _blocks(q, moments.second, heads, dim) / max(moments.tokens, 1)
+        q_moment = torch.einsum("iaib->iab", q_blocks)
+        centred = moments.second - moments.image_means
+        key = torch.einsum("iab,jbla->ijl", q_moment, _blocks(k, centred, heads, dim))
+        out = weights.o_weight.detach().to(device=device, dtype=torch.float64)
+        out = out.reshape(out.shape[0], heads, dim)
+        v_weight = torch.einsum("cia,cib->iab", out, out)
+        value = torch.einsum("iab,jbla->ijl", v_weight, _blocks(v, moments.second, heads, dim))
+    elif statistic == "energy":
+        gram_k = torch.einsum("jala->jl", _blocks(k, moments.second, heads, dim))
+        gram_v = torch.einsum("jala->jl", _blocks(v, moments.second, heads, dim))
+        key = gram_k.expand(heads, heads, heads)
+        value = gram_v.expand(heads, heads, heads)
+    else:
+        raise ValueError(f"unknown statistic {statistic!r}; valid: attention, energy")
+    terms = _normalised(key)
+    if values:
+        terms = terms + _normalised(value)
+    result: np.ndarray = terms.cpu().numpy()
+    return result
+
+
+class PoolingObjective:
+    """Loss of mean-pooling groups of heads, from the terms of :func:`pooling_terms`."""
+
+    def __init__(self, terms: np.ndarray) -> None:
+        if terms.ndim != 3 or len(set(terms.shape)) != 1:
+            raise ValueError(f"terms must be (H, H, H), got {terms.shape}")
+        self.terms = np.asarray(terms, dtype=np.float64)
+        self.num_heads = terms.shape[0]
+        self._diag = np.einsum("iii->i", self.terms)
+        self._pair = np.einsum("iij->ij", self.terms)
+        self._cache: dict[int, float] = {}
+
+    def cost(self, group: Iterable[int]) -> float:
+        """What pooling the heads of ``group`` into one KV head loses."""
+        members = sorted(group)
+        key = sum(1 << h for h in members)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        idx = np.asarray(members)
+        size = len(members)
+        value = float(
+            self._diag[idx].sum()
+            - 2.0 / size * self._pair[np.ix_(idx, idx)].sum()
+            + self.terms[np.ix_(idx, idx, idx)].sum() / size**2
+        )
+        self._cache[key] = value
+        return value
+
+    def total(self, groups: Iterable[Iterable[int]]) -> float:
+        return sum(self.cost(g) for g in groups)
+
+
+# --------------------------------------------------------------------------------------------
+# The search
+
+
+def count_partitions(num_heads: int, num_groups: int, equal: bool = False) -> int:
+    """Partitions of ``num_heads`` heads into ``num_groups`` non-empty (equal) groups."""
+    if equal:
+        size = num_heads // num_groups
+        return math.factorial(num_heads) // (
+            math.factorial(size) ** num_groups * math.factorial(num_groups))
+    # Stirling numbers of the second kind, S(n, k) = k S(n-1, k) + S(n-1, k-1).
+    row = [1] + [0] * num_groups
+    for _ in range(num_heads):
+        row = [0] + [k * row[k] + row[k - 1] for k in range(1, num_groups + 1)]
+    return row[num_groups]
+
+
+def _partitions(num_heads: int, num_groups: int) -> Iterator[list[list[int]]]:
+    groups: list[list[int]] = []
+
+    def place(head: int) -> Iterator[list[list[int]]]:
+        if head == num_heads:
+            if len(groups) == num_groups:
+                yield [list(g) for g in groups]
+            return
+        if num_groups - len(groups) > num_heads - head:
+            return  # too few heads left to open the missing groups
+        for group in groups:
+            group.append(head)
+            yield from place(head + 1)
+            group.pop()
+        if len(groups) < num_groups:
+            groups.append([head])
+            yield from place(head + 1)
+            groups.pop()
+
+    yield from place(0)
+
+
+def _equal_partitions(heads: list[int], size: int) -> Iterator[list[list[int]]]:
+    if not heads:
+        yield []
+        return
+    first, rest = heads[0], heads[1:]
+    from itertools import combinations
+
+    for mates in combinations(rest, size - 1):
+        group = [first, *mates]
+        left = [h for h in rest if h not in mates]
+        for others in _equal_partitions(left, size):
+            yield [group, *others]
+
+
+def _local_search(
+    groups: list[list[int]], objective: PoolingObjective, equal: bool
+) -> list[list[int]]:
+    """Steepest descent over single-head moves (uneven only) and pairwise swaps."""
+    groups = [list(g) for g in groups]
+    costs = [objective.cost(g) for g in groups]
+    while True:
+        best_delta, best = -1e-12, None
+        for a in range(len(groups)):
+            for b in range(len(groups)):
+                if a == b:
+                    continue
+                if not equal and len(groups[a]) > 1:
+                    for h in groups[a]:
+                        na = [x for x in groups[a] if x != h]
+                        nb = [*groups[b], h]
+                        delta = objective.cost(na) + objective.cost(nb) - costs[a] - costs[b]
+                        if delta < best_delta:
+                            best_delta, best = delta, (a, b, na, nb)
+                if a < b:
+                    for h in groups[a]:
+                        for h2 in groups[b]:
+                            na = [h2 if x == h else x for x in groups[a]]
+                            nb = [h if x == h2 else x for x in groups[b]]
+                            delta = (objective.cost(na) + objective.cost(nb)
+                                     - costs[a] - costs[b])
+                            if delta < best_delta:
+                                best_delta, best = delta, (a, b, na, nb)
+        if best is None:
+            return groups
+        a, b, na, nb = best
+        groups[a], groups[b] = na, nb
+        costs[a], costs[b] = objective.cost(na), objective.cost(nb)
+
+
+def _agglomerative(objective: PoolingObjective, num_groups: int) -> list[list[int]]:
+    groups = [[h] for h in range(objective.num_heads)]
+    while len(groups) > num_groups:
+        _, a, b = min(
+            (objective.cost(groups[a] + groups[b]) - objective.cost(groups[a])
+             - objective.cost(groups[b]), a, b)
+            for a in range(len(groups)) for b in range(a + 1, len(groups))
+        )
+        groups[a] = groups[a] + groups[b]
+        del groups[b]
+    return groups
+
+
+def _random_start(num_heads: int, num_groups: int, equal: bool,
+                  rng: random.Random) -> list[list[int]]:
+    heads = list(range(num_heads))
+    rng.shuffle(heads)
+    if equal:
+        size = num_heads // num_groups
+        return [heads[g * size:(g + 1) * size] for g in range(num_groups)]
+    groups = [[h] for h in heads[:num_groups]]
+    for h in heads[num_groups:]:
+        groups[rng.randrange(num_groups)].append(h)
+    return groups
+
+
+def canonical(groups: Iterable[Iterable[int]]) -> list[list[int]]:
+    """Members ascending; groups biggest first, ties by their first head."""
+    return sorted((sorted(g) for g in groups), key=lambda g: (-len(g), g[0]))
+
+
+def contiguous_groups(num_heads: int, num_groups: int) -> list[list[int]]:
+    """The paper's grouping: contiguous runs of :func:`kdgqa.even_counts` sizes."""
+    out, start = [], 0
+    for count in even_counts(num_heads, num_groups):
+        out.append(list(range(start, start + count)))
+        start += count
+    return out
+
+
+def search_partition(
+    terms: np.ndarray | PoolingObjective,
+    num_groups: int,
+    *,
+    equal: bool = False,
+    exhaustive_limit: int = EXHAUSTIVE_LIMIT,
+    restarts: int = RESTARTS,
+    seed: int = SEED,
+) -> list[list[int]]:
+    """The partition of the heads into ``num_groups`` groups with the least pooling loss.
+
+    Exact when :func:`count_partitions` is at most ``exhaustive_limit``; otherwise the best
+    local optimum from an agglomerative (uneven) or contiguous (equal) start and
+    ``restarts`` seeded random starts. Deterministic. Returned in :func:`canonical` order.
+    """
+    objective = terms if isinstance(terms, PoolingObjective) else PoolingObjective(terms)
+    heads = objective.num_heads
+    if not 1 <= num_groups <= heads:
+        raise ValueError(f"num_groups must be in [1, {heads}], got {num_groups}")
+    if equal and heads % num_groups:
+        raise ValueError(f"equal groups need num_heads={heads} divisible by {num_groups}")
+    if count_partitions(heads, num_groups, equal) <= exhaustive_limit:
+        candidates: Iterable[list[list[int]]] = (
+            _equal_partitions(list(range(heads)), heads // num_groups) if equal
+            else _partitions(heads, num_groups)
+        )
+        best = min(candidates, key=objective.total)
+        return canonical(best)
+    rng = random.Random(seed)
+    starts = [contiguous_groups(heads, num_groups) if equal
+              else _agglomerative(objective, num_groups)]
+    starts += [_random_start(heads, num_groups, equal, rng) for _ in range(restarts)]
+    found = [_local_search(start, objective, equal) for start in starts]
+    return canonical(min(found, key=objective.total))
+
+
+# --------------------------------------------------------------------------------------------
+# Planning a conversion
+
+
+@dataclass
+class GroupPlan:
+    """The groups chosen for one layer and what their pooling loses."""
+
+    groups: list[list[int]]
+    loss: float
+    #: The loss of the paper's contiguous groups, for comparison.
+    contiguous_loss: float
+    counts: list[int] = field(init=False)
+    head_order: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts = [len(g) for g in self.groups]
+        self.head_order = [h for g in self.groups for h in g]
+
+
+def plan_groups(
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Module, MHAWeights]],
+    num_kv_heads: int,
+    calibration: Any,
+    *,
+    statistic: str,
+    equal: bool,
+    values: bool,
+    max_images: int,
+) -> dict[str, GroupPlan]:
+    """Measure ``model`` on ``calibration`` and choose every layer's groups."""
+    moments = measure(model, [(path, module) for path, module, _ in layers], calibration,
+                      max_images)
+    plans: dict[str, GroupPlan] = {}
+    for path, _, weights in layers:
+        objective = PoolingObjective(pooling_terms(weights, moments[path], statistic, values))
+        groups = search_partition(objective, num_kv_heads, equal=equal)
+        contiguous = contiguous_groups(weights.num_heads, num_kv_heads)
+        plans[path] = GroupPlan(groups, objective.total(groups), objective.total(contiguous))
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration images from the project's datasets
+
+
+def training_images(data: Any, cfg: Any, count: int,
+                    batch_size: int = BATCH_SIZE) -> Iterator[Tensor]:
+    """The first ``count`` images of ``data`` (``kdgqa.data.ImageTensors``), prepared exactly
+    as ``kdgqa.data.Batches`` prepares training batches for ``cfg`` (a ``DataConfig``:
+    size, mean, std) but without augmentation. Deterministic."""
+    from kdgqa.data import Batches
+
+    batches = Batches(data, batch_size, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
+                      shuffle=False, drop_last=False)
+    total = min(count, len(data))
+    for start in range(0, total, batch_size):
+        yield batches.prepare(torch.arange(start, min(total, start + batch_size)))
+
+
+def calibration_arguments(
+    scheme: str, options: Mapping[str, Any], data: Any, cfg: Any
+) -> dict[str, Any]:
+    """``{"calibration": ...}`` for :func:`kdgqa.convert` when ``scheme`` needs it (the first
+    ``calibration_images`` training images, see :func:`training_images`), else ``{}``."""
+    from kdgqa.schemes import SCHEMES
+
+    cls = SCHEMES.get(scheme)
+    if cls is None or not cls.needs_calibration:
+        return {}
+    count = options.get("calibration_images", cls.option_defaults["calibration_images"])
+    return {"calibration": training_images(data, cfg, int(count))}
+
+
+DATASET_NAMES = ("imagefolder", "tiny-imagenet", "cifar10", "cifar100", "food101", "digits")
+
+
+def _dataset_config(spec: str, image_size: int, count: int) -> Any:
+    from pathlib import Path
+
+    from kdgqa.config import DataConfig
+    from kdgqa.data import DatasetError
+
+    name, sep, root = spec.partition(":")
+    if sep and name in DATASET_NAMES:
+        cfg_root: str | None = root or None
+    elif not sep and spec in DATASET_NAMES:
+        name, cfg_root = spec, None
+    elif Path(spec).is_dir():
+        name, cfg_root = "imagefolder", spec
+    else:
+        raise DatasetError(
+            f"calibration {spec!r} is neither NAME:ROOT (NAME one of "
+            f"{', '.join(DATASET_NAMES)}) nor an image folder"
+        )
+    if name == "imagefolder" and cfg_root is None:
+        raise DatasetError("calibration imagefolder needs a root: imagefolder:PATH or PATH")
+    # Loaders may hold out a test share and always a validation share of the training
+    # images; ask for enough that the training split alone still has ``count``.
+    cfg = DataConfig(name=name, root=cfg_root, image_size=image_size)
+    keep = (1.0 - cfg.test_fraction) * (1.0 - cfg.val_fraction)
+    cfg.limit_train = math.ceil(count / keep) + 2
+    return cfg
+
+
+def check_calibration(spec: str) -> None:
+    """Cheap check (no decoding) that ``spec`` names a dataset that is there; raises
+    ``kdgqa.data.DatasetError`` with one line."""
+    from kdgqa.data import check_dataset
+
+    check_dataset(_dataset_config(spec, 8, 1))
+
+
+def load_calibration(
+    spec: str,
+    count: int,
+    *,
+    image_size: int,
+    channels: int,
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
+) -> Tensor:
+    """Calibration images from a dataset the project can load, ready for a model.
+
+    ``spec`` is ``NAME:ROOT`` (``imagefolder``, ``tiny-imagenet``, ``cifar10``, ``cifar100``,
+    ``food101``; ``digits`` needs no root) or a path to an image folder. Returns the first
+    ``count`` images of the training split (a fixed, seeded selection, never test images)
+    resized to ``image_size``, scaled
+    to [0, 1] and normalised with per-channel (or scalar) ``mean``/``std``, float32
+    ``(n, C, H, W)``. Raises ``kdgqa.data.DatasetError`` (a ``ValueError``) with one line.
+    """
+    import torch.nn.functional as F
+
+    from kdgqa.data import DatasetError, check_dataset, load_splits
+
+    cfg = _dataset_config(spec, image_size, count)
+    check_dataset(cfg)
+    splits = load_splits(cfg)
+    images = splits.train.images[:count]  # never the test split a study evaluates on
+    if images.shape[0] == 0:
+        raise DatasetError(f"calibration {spec!r} holds no images")
+    if images.shape[1] != channels:
+        raise DatasetError(f"calibration {spec!r} has {images.shape[1]}-channel images; the "
+                           f"model expects {channels} channels")
+    x = images.float().div_(255.0)
+    if tuple(x.shape[-2:]) != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                          align_corners=False, antialias=image_size < x.shape[-1]).clamp_(0, 1)
+    m = torch.tensor([float(v) for v in mean]).view(-1, 1, 1)
+    s = torch.tensor([float(v) for v in std]).view(-1, 1, 1)
+    if m.shape[0] not in (1, channels) or s.shape[0] not in (1, channels):
+        raise DatasetError(f"calibration mean/std need 1 or {channels} values, got "
+                           f"{list(mean)} / {list(std)}")
+    return (x - m) / s
