@@ -213,3 +213,29 @@ def test_nan_loss_is_reported_with_its_step(tmp_path: object) -> None:
     allocator = model.blocks[0].attn.allocator
     assert bool(torch.isfinite(allocator.cache).all())
     assert not (Path(str(tmp_path)) / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("scheme", ["calibrated", "similarity"])
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_calibration_on_non_finite_images_is_refused(scheme: str, poison: float) -> None:
+    """Groups chosen from NaN statistics would be arbitrary: say so instead."""
+    from conftest import TINY_VIT
+    from kdgqa.convert import ConversionError, convert
+    from kdgqa.sources import create_timm_vit
+
+    torch.manual_seed(0)
+    model = create_timm_vit(**TINY_VIT)
+    images = torch.randn(4, 3, 32, 32)
+    images[1, 0, 3, 3] = poison
+    with pytest.raises(ConversionError, match="not finite"):
+        convert(model, scheme, 3, calibration=images)
+    assert not any(isinstance(m, GroupedQueryAttention) for m in model.modules())
+
+
+def test_calibration_normalisation_must_be_finite(tmp_path: object) -> None:
+    from kdgqa.calibrate import load_calibration
+    from kdgqa.data import DatasetError
+
+    for mean, std in (((math.nan,), (0.5,)), ((0.5,), (0.0,)), ((0.5,), (math.inf,))):
+        with pytest.raises(DatasetError, match="finite with std > 0"):
+            load_calibration("digits", 4, image_size=8, channels=1, mean=mean, std=std)
