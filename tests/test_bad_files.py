@@ -345,3 +345,22 @@ def test_resume_after_a_commit_torn_by_a_crash(study: Path, tmp_path: Path) -> N
     original = {r["run_id"]: r for r in map(json.loads, (study / "results.jsonl").open())}
     assert results[RUN]["test_acc"] == original[RUN]["test_acc"]
     assert results[RUN]["best_val_loss"] == original[RUN]["best_val_loss"]
+
+
+def test_report_of_a_damaged_study(study: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(study, out)
+    with open(out / "results.jsonl", "a") as handle:
+        handle.write('{"run_id": "gqa-g1-s9", "test_a')  # torn by a crash: ignored
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert "gqa-g1-s9" not in (out / "runs.csv").read_text()
+    (out / "allocation.jsonl").write_text("{oops\n" + (out / "allocation.jsonl").read_text())
+    before = _snapshot(out)
+    line = _one_line_exit_2(capsys, ["report", str(out)])
+    assert "allocation.jsonl' line 1 is not a JSON object" in line
+    line = _one_line_exit_2(capsys, ["report", str(out), str(study), "-o",
+                                     str(tmp_path / "merged")])
+    assert "line 1" in line and not (tmp_path / "merged").exists()
+    assert _snapshot(out) == before

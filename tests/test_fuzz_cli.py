@@ -208,6 +208,45 @@ def test_largest_valid_seed_serves_batches() -> None:
     assert batches._generator(7, 1).initial_seed() >= 0
 
 
+SET_VALUES = st.sampled_from(["1", "-1", "0", "3e-4", "1e400", ".nan", "-.inf", "[1, 2]", "[]",
+                              "{a: 1}", "x", "", "null", "true", ": :", "[", "&a [*a]",
+                              "kdgqa", "cosine", "cpu"])
+
+
+@st.composite
+def experiment_flags(draw: st.DrawFn) -> list[str]:
+    args: list[str] = []
+    for _ in range(draw(st.integers(0, 3))):
+        path = draw(_mostly(st.sampled_from(CONFIG_PATHS).map(".".join), TEXT))
+        args += ["--set", f"{path}={draw(_mostly(SET_VALUES, TEXT))}"]
+    if draw(st.booleans()):
+        args += ["--shard", draw(_mostly(st.sampled_from(["0/1", "1/2", "0/4"]),
+                                         st.sampled_from(["2/2", "-1/3", "a/b", "0/0", "", "1/",
+                                                          f"0/{10**30}"]) | TEXT))]
+    if draw(st.booleans()):
+        args += ["-o", draw(_mostly(st.sampled_from(["out", "a/b/c", "x" * 300]), TEXT))]
+    if draw(st.booleans()):
+        args += ["--device", draw(st.sampled_from(["cpu", "auto", "cuda:1", "tpu", "cuda:-1"])
+                                  | TEXT)]
+    for flag in ("--pretrain-only", "--resume", "--no-progress"):
+        if draw(st.booleans()):
+            args.append(flag)
+    return args
+
+
+@settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 3))
+@given(args=experiment_flags())
+def test_experiment_flags_plan_or_fail_in_one_line(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with _scratch() as folder:
+        (folder / "c.yaml").write_text(yaml.safe_dump(BASE))
+        status, said = _check_contract(capsys, ["experiment", "c.yaml", "--dry-run", *args])
+        assert sorted(p.name for p in folder.iterdir()) == ["c.yaml"], "a dry run wrote files"
+    if status == 0:
+        assert said.startswith("experiment '"), said
+
+
 def test_valid_but_huge_study_only_plans(capsys: pytest.CaptureFixture[str]) -> None:
     doc = copy.deepcopy(BASE)
     doc["uptrain"].update(epochs=10**9, batch_size=10**6)
