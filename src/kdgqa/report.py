@@ -106,8 +106,8 @@ def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa") -> list[Su
             order.append(key)
         cells[key][int(row["seed"])] = row
     first_seen = {key: i for i, key in enumerate(order)}
-    # MHA reference rows first, then by G, schemes in the order they ran.
-    order.sort(key=lambda k: (k[0] != "mha", k[1], first_seen[k]))
+    # MHA reference rows first, then by G with the reference scheme first, then in run order.
+    order.sort(key=lambda k: (k[0] != "mha", k[1], k[0] != reference, first_seen[k]))
     out = []
     for scheme, kv in order:
         by_seed = cells[(scheme, kv)]
@@ -315,7 +315,7 @@ def merge_studies(sources: Sequence[str | Path], out_dir: str | Path) -> str:
         for d in dirs:
             part = [r for r in load_jsonl(d / name) if r.get("run_id") not in seen]
             rows.extend(part)
-            seen.update(r.get("run_id") for r in part)
+            seen.update(str(r.get("run_id")) for r in part)
     meta_src = next((d / "meta.json" for d in dirs if (d / "meta.json").is_file()), None)
     out.mkdir(parents=True, exist_ok=True)
     if meta_src is not None and meta_src.resolve() != (out / "meta.json").resolve():
