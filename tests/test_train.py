@@ -13,7 +13,14 @@ from kdgqa.config import DataConfig, TrainConfig
 from kdgqa.convert import convert
 from kdgqa.data import Augment, Batches, DataSplits, load_splits
 from kdgqa.sources import create_timm_vit
-from kdgqa.train import TrainingDiverged, atomic_save, evaluate, lr_factor, train
+from kdgqa.train import (
+    TrainingDiverged,
+    atomic_save,
+    evaluate,
+    load_checkpoint,
+    lr_factor,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +125,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits: DataSplits, tmp_p
     with pytest.raises(TrainingDiverged, match="at step 7") as info:
         train(model, *_batches(digits), recipe, run_dir=tmp_path, progress=False)
     assert "last good checkpoint" in str(info.value)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["position"]["global_step"] == 6
     assert all(bool(torch.isfinite(v).all()) for v in state["model"].values()
                if v.is_floating_point())
@@ -128,5 +135,5 @@ def test_atomic_save_replaces_without_leftovers(tmp_path: Path) -> None:
     path = tmp_path / "x.pt"
     atomic_save({"a": 1}, path)
     atomic_save({"a": 2}, path)
-    assert torch.load(path)["a"] == 2
+    assert load_checkpoint(path)["a"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]

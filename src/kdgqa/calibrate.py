@@ -222,6 +222,11 @@ def measure(
     missing = [path for path, _ in modules if path not in moments]
     if missing:
         raise ConversionError(f"calibration never reached attention module {missing[0]!r}")
+    for path, moment in moments.items():  # groups chosen from NaN would be arbitrary
+        if not bool(torch.isfinite(moment.second).all()):
+            raise ConversionError(
+                f"calibration statistics of {path!r} are not finite: the calibration images "
+                "or the model's activations hold NaN or inf (check the normalisation)")
     return moments
 
 
@@ -630,5 +635,9 @@ def load_calibration(
     s = torch.tensor([float(v) for v in std]).view(-1, 1, 1)
     if m.shape[0] not in (1, channels) or s.shape[0] not in (1, channels):
         raise DatasetError(f"calibration mean/std need 1 or {channels} values, got "
+                           f"{list(mean)} / {list(std)}")
+    if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(s).all())
+            and bool((s > 0).all())):
+        raise DatasetError(f"calibration mean/std must be finite with std > 0, got "
                            f"{list(mean)} / {list(std)}")
     return (x - m) / s

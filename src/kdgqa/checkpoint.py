@@ -6,6 +6,7 @@ Directory layout written by :func:`save_pretrained`::
     model.safetensors              or model-00001-of-0000N.safetensors ... when sharded,
     model.safetensors.index.json   with this index (transformers' format) mapping keys to files
     checksums.sha256               ``sha256sum``-compatible lines for every weight/index file
+                                   and the config (written last)
 
 :func:`load` rebuilds the base model from the config (no network, no pretrained download),
 converts it with the recorded settings, verifies every checksum and loads the tensors,
@@ -34,6 +35,7 @@ __all__ = [
     "parse_size",
     "read_config",
     "save_pretrained",
+    "verify",
 ]
 
 CONFIG_NAME = "kdgqa_config.json"
@@ -160,6 +162,7 @@ def save_pretrained(
         "versions": _versions(),
     }
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    written.append(CONFIG_NAME)
     lines = [f"{_sha256(directory / name)}  {name}\n" for name in written]
     (directory / CHECKSUMS_NAME).write_text("".join(lines))
     return directory
@@ -172,7 +175,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{str(directory)!r} is not a kdgqa checkpoint: no {CONFIG_NAME}")
     try:
         config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot read {str(path)!r}: {error}") from None
     if not isinstance(config, dict) or config.get("format") != "kdgqa":
         raise CheckpointError(f"{str(path)!r} is not a kdgqa config")
@@ -181,6 +184,14 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             f"{str(path)!r} has format_version {config.get('format_version')!r}; this kdgqa "
             f"reads version {FORMAT_VERSION}"
         )
+    conversion = config.get("conversion")
+    if not isinstance(config.get("base"), dict) or not (conversion is None or (
+        isinstance(conversion, dict) and isinstance(conversion.get("scheme"), str)
+        and isinstance(conversion.get("num_kv_heads"), int)
+        and isinstance(conversion.get("scheme_options", {}), dict)
+    )):
+        raise CheckpointError(f"{str(path)!r} is malformed: 'base' must be a mapping and "
+                              "'conversion' null or a mapping with scheme and num_kv_heads")
     return config
 
 
@@ -189,34 +200,59 @@ def _verified_weight_files(directory: Path) -> list[Path]:
     if not path.is_file():
         raise CheckpointError(f"{str(directory)!r} has no {CHECKSUMS_NAME}")
     expected: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {str(path)!r}: {error}") from None
+    for line in text.splitlines():
         digest, _, name = line.partition("  ")
         if not re.fullmatch(r"[0-9a-f]{64}", digest) or not name or "/" in name:
             raise CheckpointError(f"malformed line in {str(path)!r}: {line!r}")
         expected[name] = digest
-    if (directory / INDEX_NAME).is_file():
-        if INDEX_NAME not in expected:
-            raise CheckpointError(f"{INDEX_NAME} in {str(directory)!r} has no checksum")
-        index = json.loads((directory / INDEX_NAME).read_text())
-        names = sorted(set(index["weight_map"].values()))
-    else:
-        names = [WEIGHTS_NAME]
-    for name in [*names, *( [INDEX_NAME] if (directory / INDEX_NAME).is_file() else [])]:
+
+    def check(name: str, what: str) -> None:
         file = directory / name
         if name not in expected:
-            raise CheckpointError(f"weight file {name!r} in {str(directory)!r} has no checksum")
+            raise CheckpointError(f"{what} {name!r} in {str(directory)!r} has no checksum")
         if not file.is_file():
-            raise CheckpointError(f"weight file {name!r} is missing from {str(directory)!r}")
+            raise CheckpointError(f"{what} {name!r} is missing from {str(directory)!r}")
         if _sha256(file) != expected[name]:
             raise CheckpointError(
                 f"checksum mismatch for {name!r} in {str(directory)!r}: the file is corrupt "
                 "or was modified"
             )
+
+    if CONFIG_NAME in expected:  # checkpoints written before the config was checksummed lack it
+        check(CONFIG_NAME, "config")
+    if (directory / INDEX_NAME).is_file():
+        check(INDEX_NAME, "index")
+        try:
+            index = json.loads((directory / INDEX_NAME).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{INDEX_NAME} in {str(directory)!r} is malformed") from None
+    else:
+        names = [WEIGHTS_NAME]
+    for name in names:
+        if not isinstance(name, str) or "/" in name or "\\" in name:
+            raise CheckpointError(f"{INDEX_NAME} in {str(directory)!r} names a bad file {name!r}")
+        check(name, "weight file")
     return [directory / name for name in names]
+
+
+def verify(directory: str | Path) -> dict[str, Any]:
+    """Check a checkpoint directory's config and every checksum without building the model.
+
+    Returns the config; raises :class:`CheckpointError` naming the first problem.
+    """
+    config = read_config(directory)
+    _verified_weight_files(Path(directory))
+    return config
 
 
 def load(directory: str | Path) -> nn.Module:
     """Rebuild the model saved by :func:`save_pretrained`, offline, in eval mode."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -227,10 +263,18 @@ def load(directory: str | Path) -> nn.Module:
     if conversion is not None:
         from kdgqa.convert import convert
 
-        convert(model, conversion["scheme"], conversion["num_kv_heads"],
-                pooling=conversion.get("pooling", "mean"), **conversion["scheme_options"])
+        try:
+            convert(model, conversion["scheme"], conversion["num_kv_heads"],
+                    pooling=conversion.get("pooling", "mean"),
+                    **conversion.get("scheme_options", {}))
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(f"the conversion recorded in {str(directory)!r} cannot be "
+                                  f"applied: {error}") from None
     state_dict: dict[str, torch.Tensor] = {}
     for file in files:
-        state_dict.update(load_file(str(file)))
+        try:
+            state_dict.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"cannot read {str(file)!r}: {error}") from None
     load_weights(model, state_dict, repr(str(directory)), assign=True)
     return model.eval()

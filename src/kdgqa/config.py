@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "cifar10", "cifar100", "food101", "tiny-imagenet", "imagefolder")
+#: Far above any ViT; keeps the per-head bookkeeping of a typo'd config from exhausting memory.
+MAX_HEADS = 4096
 
 
 class ConfigError(ValueError):
@@ -289,7 +292,7 @@ def parse_config(
     a YAML file only needs the values it changes. ``pretrain: null`` disables pretraining.
     """
     base_dict = config_to_dict(base or default_config())
-    raw = raw or {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping at the top level, got {raw!r}")
     merged = _merge(base_dict, raw)
@@ -360,6 +363,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
     if overrides:
         if not isinstance(raw, dict | None):
             raise ConfigError(f"{path}: the config must be a mapping at the top level")
@@ -423,12 +428,16 @@ def validate(config: ExperimentConfig) -> None:
     from kdgqa.schemes import SCHEMES
 
     m, d, g = config.model, config.data, config.grid
-    _require(config.device == "auto" or config.device.split(":")[0] in ("cpu", "cuda", "mps"),
+    _require(re.fullmatch(r"auto|(cpu|cuda|mps)(:\d+)?", config.device) is not None,
              f"device must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {config.device!r}")
+    for where, seed in (("seed", config.seed), *(("grid.seeds", s) for s in g.seeds)):
+        _require(0 <= seed < 2**32, f"{where}: seeds must be in [0, 2**32), got {seed}")
     _require(bool(config.output_dir), "output_dir must not be empty")
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         value = getattr(m, key)
         _require(value >= 1, f"model.{key} must be >= 1, got {value}")
+    _require(m.num_heads <= MAX_HEADS, f"model.num_heads must be <= {MAX_HEADS}, got "
+             f"{m.num_heads}")
     _require(m.embed_dim % m.num_heads == 0,
              f"model.embed_dim={m.embed_dim} must be divisible by model.num_heads={m.num_heads}")
     _require(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")

@@ -490,12 +490,13 @@ class Batches:
         n = len(self.data)
         if not self.shuffle:
             return torch.arange(n)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # Modulo 2**64: the generator's range (the same seed for every value that fits).
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
         return torch.randperm(n, generator=gen)
 
     def _generator(self, epoch: int, step: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)
-        gen.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + step)
+        gen.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + step) % 2**64)
         return gen
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:

@@ -40,6 +40,7 @@ from kdgqa.config import (
 )
 from kdgqa.data import Augment, Batches, DataSplits, check_dataset, load_splits
 from kdgqa.distributed import DistContext, broadcast_object, resolve_device
+from kdgqa.durable import append_jsonl, atomic_write, read_jsonl, replace_dir
 from kdgqa.train import TrainResult, evaluate, train
 
 __all__ = [
@@ -186,6 +187,10 @@ def preflight(config: ExperimentConfig, resume: bool = False) -> None:
     if not resume and out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"output_dir {str(out)!r} is not empty; pass --resume to continue "
                           "that study or choose another output_dir")
+    if resume and out.is_dir():
+        from kdgqa.resume import check_resumable
+
+        check_resumable(config, out, RESULTS)
     if config.model.pretrained:
         from kdgqa.schemes import build_allocator
         from kdgqa.sources import load_model
@@ -202,19 +207,12 @@ def preflight(config: ExperimentConfig, resume: bool = False) -> None:
 
 
 def _done_runs(path: Path) -> set[str]:
-    if not path.is_file():
-        return set()
-    done = set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            done.add(json.loads(line)["run_id"])
-    return done
+    return {str(row.get("run_id")) for row in read_jsonl(path)}
 
 
 def _append(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "a") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+    # One write + fsync; rows a crash left from an unfinished commit of the run are replaced.
+    append_jsonl(path, rows)
 
 
 def _batches(d: DataConfig, splits: DataSplits, batch_size: int, seed: int,
@@ -279,11 +277,12 @@ def run_experiment(
     ctx.barrier()
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        atomic_write(out / "config.yaml",
+                     [yaml.safe_dump(config_to_dict(config), sort_keys=False).encode()])
         env = environment()
         meta = {**env, "device": str(ctx.device), "world_size": ctx.world_size,
                 "name": config.name}
-        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        atomic_write(out / "meta.json", [json.dumps(meta, indent=2).encode()])
     env = broadcast_object(environment() if ctx.is_main else None, ctx)
     ctx.barrier()
 
@@ -316,7 +315,7 @@ def run_experiment(
                 from kdgqa.checkpoint import save_pretrained
 
                 _append(out / HISTORY, [{"run_id": "pretrain", **h} for h in res.history])
-                save_pretrained(base, model_dir)
+                replace_dir(model_dir, lambda d: save_pretrained(base, d))
                 (pre_dir / "checkpoint.pt").unlink(missing_ok=True)
             ctx.barrier()
         if pretrain_only:

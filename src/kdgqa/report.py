@@ -87,11 +87,13 @@ def _std(values: Sequence[float]) -> float:
 
 
 def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file (empty list when the file does not exist)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Rows of a JSON-lines file (empty list when the file does not exist).
+
+    A last line torn by a crash is ignored; a damaged line raises ``CorruptFileError``.
+    """
+    from kdgqa.durable import read_jsonl
+
+    return read_jsonl(path)
 
 
 def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa") -> list[SummaryRow]:
@@ -309,7 +311,7 @@ def merge_studies(sources: Sequence[str | Path], out_dir: str | Path) -> str:
             results.setdefault(row["run_id"], row)
     extra: dict[str, list[dict[str, Any]]] = {"allocation.jsonl": [], "history.jsonl": []}
     for name, rows in extra.items():
-        seen: set[str] = set()
+        seen: set[Any] = set()
         for d in dirs:
             part = [r for r in load_jsonl(d / name) if r.get("run_id") not in seen]
             rows.extend(part)

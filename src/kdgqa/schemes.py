@@ -54,6 +54,9 @@ class QueryAllocator(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
         super().__init__()
+        if not 1 <= num_kv_heads <= num_heads:
+            raise ValueError(f"num_kv_heads must be in [1, num_heads={num_heads}], got "
+                             f"{num_kv_heads}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         unknown = sorted(set(options) - set(self.option_defaults))
@@ -62,6 +65,10 @@ class QueryAllocator(nn.Module):
             raise ValueError(
                 f"unknown option {unknown[0]!r} for scheme {self.name!r}; valid options: {valid}"
             )
+        for key, value in options.items():
+            if isinstance(self.option_defaults[key], bool) and not isinstance(value, bool):
+                raise ValueError(f"option {key!r} of scheme {self.name!r} must be true or "
+                                 f"false, got {value!r}")
         self.options = {**self.option_defaults, **options}
         counts = torch.tensor(even_counts(num_heads, num_kv_heads))
         self.register_buffer("static_kv_index", counts_to_kv_index(counts, num_heads),
@@ -331,16 +338,14 @@ class DGQAAllocator(KeyDrivenAllocator):
         else:
             scores = torch.where(first, norms, (norms - self.cache).abs())
         counts, kv_index = apportion(scores[None], self.num_heads, self.options["min_queries"])
-        if due is None:
-            self.counts.copy_(counts[0])
-            self.kv_index.copy_(kv_index[0])
-            self.cache.copy_(tracked)
-            self.updates.add_(1)
-        else:
-            self.counts.copy_(torch.where(due, counts[0], self.counts))
-            self.kv_index.copy_(torch.where(due, kv_index[0], self.kv_index))
-            self.cache.copy_(torch.where(due, tracked, self.cache))
-            self.updates.add_(due.long())
+        # A batch with non-finite key norms (NaN/inf inputs) is skipped on the device: it
+        # would otherwise leave NaN in the cache and freeze the allocation for good.
+        finite = torch.isfinite(norms).all()
+        due = finite if due is None else due & finite
+        self.counts.copy_(torch.where(due, counts[0], self.counts))
+        self.kv_index.copy_(torch.where(due, kv_index[0], self.kv_index))
+        self.cache.copy_(torch.where(due, tracked, self.cache))
+        self.updates.add_(due.long())
 
     def _reference_scores(self, norms: Tensor, cache: Tensor) -> Tensor:
         if self.flavour == "ema":

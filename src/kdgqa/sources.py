@@ -16,8 +16,12 @@ with ``weights_only=True`` only; anything needing arbitrary objects is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import pickle
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +181,11 @@ def build_base(spec: dict[str, Any]) -> nn.Module:
     if library == "timm":
         import timm
 
-        kwargs = dict(spec.get("kwargs") or {})
+        kwargs = spec.get("kwargs") or {}
         name = spec.get("name")
+        if not isinstance(kwargs, dict) or not (name is None or isinstance(name, str)):
+            raise SourceError(f"malformed timm model description: name {name!r} must be a "
+                              f"string and kwargs {kwargs!r} a mapping")
         try:
             if name:
                 model = timm.create_model(name, pretrained=False, **kwargs)
@@ -186,11 +193,12 @@ def build_base(spec: dict[str, Any]) -> nn.Module:
                 model = _timm_class(spec.get("class") or "VisionTransformer")(**kwargs)
         except SourceError:
             raise
-        except RuntimeError as error:  # timm: unknown model name
-            raise SourceError(f"unknown timm model {name!r}: {error}") from None
-        except (TypeError, ValueError, AssertionError) as error:
+        except Exception as error:  # any constructor failure on bad arguments
+            if name and not timm.is_model(name):
+                raise SourceError(f"unknown timm model {name!r}: {error}") from None
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise SourceError(f"cannot build timm model {name or spec.get('class')!r} "
-                              f"with {kwargs}: {error}") from None
+                              f"with {kwargs}: {detail or type(error).__name__}") from None
     elif library == "transformers":
         import transformers
 
@@ -200,8 +208,13 @@ def build_base(spec: dict[str, Any]) -> nn.Module:
                 f"unsupported transformers class {cls_name!r}; expected one of "
                 f"{', '.join(HF_VIT_CLASSES)}"
             )
-        config = transformers.ViTConfig.from_dict(dict(spec["config"]))
-        model = getattr(transformers, cls_name)(config, **dict(spec.get("init_kwargs") or {}))
+        try:
+            config = transformers.ViTConfig.from_dict(dict(spec["config"]))
+            model = getattr(transformers, cls_name)(config, **dict(spec.get("init_kwargs") or {}))
+        except Exception as error:  # malformed or inconsistent config values
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise SourceError(f"cannot build transformers {cls_name} from its recorded config: "
+                              f"{detail or type(error).__name__}") from None
     else:
         raise SourceError(f"unknown base library {library!r}; expected 'timm' or 'transformers'")
     setattr(model, "kdgqa_base", dict(spec))  # noqa: B010
@@ -231,16 +244,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as error:
             raise SourceError(f"cannot read safetensors file {str(path)!r}: {error}") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling failed"
+        with warnings.catch_warnings():  # e.g. about pickle protocols: the error says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not _looks_like_torch_file(path):
+            raise SourceError(f"cannot read checkpoint {str(path)!r}: it is not a PyTorch "
+                              "file (corrupt, or another format)") from None
         raise SourceError(
-            f"refusing to load {str(path)!r}: it needs arbitrary Python objects, which "
-            f"torch.load(weights_only=True) does not execute ({first}); re-save it as a plain "
-            "state dict or safetensors"
+            f"refusing to load {str(path)!r}: it needs arbitrary Python objects (classes or "
+            "functions), which torch.load(weights_only=True) does not execute; re-save it as "
+            "a plain state dict or safetensors"
         ) from None
-    except (RuntimeError, OSError, EOFError) as error:
-        raise SourceError(f"cannot read checkpoint {str(path)!r}: {error}") from None
+    except Exception as error:  # garbage can fail anywhere inside the unpickler
+        if path.stat().st_size == 0:
+            detail = "the file is empty"
+        elif not _looks_like_torch_file(path):
+            detail = "it is not a PyTorch file (corrupt, or another format)"
+        else:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            detail = f"{first} (the file is corrupt or truncated)"
+        raise SourceError(f"cannot read checkpoint {str(path)!r}: {detail}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -279,10 +303,17 @@ def load_weights(
 # Resolving source strings
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip (``torch.save``) or a protocol-2+ pickle (legacy format), by its first bytes."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:
         raise SourceError(f"cannot read {str(path)!r}: {error}") from None
     if not isinstance(data, dict):
         raise SourceError(f"{str(path)!r} does not hold a JSON object")
@@ -306,6 +337,11 @@ def _timm_spec_from_config(path: Path) -> dict[str, Any]:
     cfg = _read_json(path)
     if "architecture" not in cfg:
         raise SourceError(f"{str(path)!r} is not a timm config (no 'architecture')")
+    if not isinstance(cfg["architecture"], str) or not isinstance(
+        cfg.get("model_args") or {}, dict
+    ):
+        raise SourceError(f"{str(path)!r} is malformed: 'architecture' must be a string and "
+                          "'model_args' a mapping")
     kwargs = dict(cfg.get("model_args") or {})
     if "num_classes" in cfg:
         kwargs.setdefault("num_classes", cfg["num_classes"])
@@ -344,12 +380,39 @@ def _hf_from_dir(path: Path) -> nn.Module:
             f"{cfg.get('model_type')!r}, architecture {cls_name!r}; expected a ViT "
             f"({', '.join(HF_VIT_CLASSES)})"
         )
-    try:
-        model = getattr(transformers, cls_name).from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SourceError(f"cannot load Hugging Face model from {str(path)!r}: {first}") from None
+    with _quiet_transformers():
+        try:
+            model, info = getattr(transformers, cls_name).from_pretrained(
+                str(path), local_files_only=True, output_loading_info=True)
+        except Exception as error:  # corrupt weights, bad config values, shape mismatches
+            first = " ".join(str(error).split())[:300] or type(error).__name__
+            if "mismatch" in first:
+                first = "tensor shapes in the weights do not match its config.json"
+            raise SourceError(
+                f"cannot load Hugging Face model from {str(path)!r}: {first}") from None
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
+    if missing:  # transformers' own report is held back; say it in one line
+        warnings.warn(f"{str(path)!r} lacks {len(missing)} weights of {cls_name} (e.g. "
+                      f"{missing[0]!r}); they are randomly initialised", stacklevel=2)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hold back transformers' log records and progress bars while loading, so a failure
+    prints one line (the caller summarises what matters on success)."""
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("transformers")
+    handlers, bars = logger.handlers[:], hf_logging.is_progress_bar_enabled()
+    logger.handlers = [logging.NullHandler()]
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.handlers = handlers
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(

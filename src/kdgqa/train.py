@@ -2,11 +2,13 @@
 
 Read top to bottom: AdamW with a constant or cosine schedule (linear warmup), gradient
 clipping, bf16 autocast on CUDA, optional ``torch.compile``. Every ``checkpoint_every`` steps
-and at the end a checkpoint is written atomically (temp file + ``os.replace``) holding model,
-optimizer, scheduler, data position, RNG states and the run's history, so ``resume=True``
-continues from the exact step with the same batches; the allocators' buffers (DGQA state)
-travel in the model's state dict. A non-finite or exploding loss stops the run with
-``TrainingDiverged`` before anything is saved, so the last checkpoint on disk stays good.
+and at the end a checkpoint is written atomically (temp file + ``os.replace``) with a sha256
+header (``kdgqa.durable``) holding model, optimizer, scheduler, data position, RNG states and
+the run's history, so ``resume=True`` continues from the exact step with the same batches
+(a corrupt, foreign or mismatched checkpoint is refused in one line); the allocators'
+buffers (DGQA state) travel in the model's state dict. A non-finite or exploding loss stops
+the run with ``TrainingDiverged`` before anything is saved, so the last checkpoint on disk
+stays good.
 The validation split picks the best weights, which are restored at the end.
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -31,13 +32,16 @@ from kdgqa.attention import GroupedQueryAttention, start_epoch
 from kdgqa.config import TrainConfig, config_to_dict
 from kdgqa.data import Batches
 from kdgqa.distributed import DistContext, all_reduce_sum, sync_key_statistics
+from kdgqa.durable import CorruptFileError, load_checkpoint, remove_stale_temps, save_checkpoint
 
 __all__ = [
+    "CorruptFileError",
     "TrainResult",
     "TrainingDiverged",
     "atomic_save",
     "build_optimizer",
     "evaluate",
+    "load_checkpoint",
     "lr_factor",
     "record_allocation",
     "train",
@@ -139,24 +143,25 @@ def record_allocation(model: nn.Module, step: int) -> list[dict[str, Any]]:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write with ``torch.save`` to a temp file in the same folder, then rename over ``path``.
+    """Write ``obj`` as a checksummed checkpoint: temp file in the same folder, fsync, rename.
 
-    A crash mid-write leaves the previous file intact.
+    A crash mid-write leaves the previous file intact; read it back with
+    :func:`load_checkpoint`, which verifies the sha256 before unpickling (weights only).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    save_checkpoint(obj, path)
 
 
 def _rng_state() -> dict[str, Any]:
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
+    legacy = np.random.get_state(legacy=False)
+    assert isinstance(legacy, dict)
+    # Tensors and plain numbers only, so the checkpoint loads with weights_only=True.
+    numpy_state = {"bit_generator": str(legacy["bit_generator"]),
+                   "key": torch.from_numpy(legacy["state"]["key"].astype(np.int64)),
+                   "pos": int(legacy["state"]["pos"]), "has_gauss": int(legacy["has_gauss"]),
+                   "gauss": float(legacy["gauss"])}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -165,11 +170,48 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].cpu().numpy().astype(np.uint32),
+                                   "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+#: Recipe fields that may change between a run and its resumption.
+_RESUMABLE_CHANGES = ("checkpoint_every", "compile")
+
+
+def _restore(state: Any, path: Path, recipe: TrainConfig, load: Callable[[Any], None]) -> None:
+    """Check that a loaded checkpoint belongs to this run, then hand it to ``load``."""
+    needed = ("model", "optimizer", "scheduler", "position", "history", "allocation", "best",
+              "timing", "loss_avg", "epoch_sums", "rng", "recipe")
+    if not isinstance(state, dict) or any(key not in state for key in needed):
+        raise CorruptFileError(f"{str(path)!r} is not a kdgqa training checkpoint (keys "
+                               "missing); move it away to restart that run")
+    ours = config_to_dict(recipe)
+    theirs = state["recipe"] if isinstance(state["recipe"], dict) else {}
+    # Keys on one side only come from another kdgqa version: their defaults keep behaviour.
+    changed = sorted(k for k in set(ours) & set(theirs)
+                     if k not in _RESUMABLE_CHANGES and ours[k] != theirs[k])
+    if changed:
+        key = changed[0]
+        raise CorruptFileError(
+            f"{str(path)!r} was written with a different training recipe ({key}: "
+            f"{theirs.get(key)!r}, now {ours.get(key)!r}); resume with the recipe it was "
+            "written with, or move the run directory away to start afresh")
+    try:
+        load(state)
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CorruptFileError(
+            f"{str(path)!r} does not fit this run ({first}); resume with the model and "
+            "scheme it was written for, or move the run directory away to start afresh"
+        ) from None
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
@@ -228,16 +270,22 @@ def train(
     epoch_sums = {"loss": 0.0, "n": 0}  # survive a mid-epoch resume
 
     ckpt_path = run_dir / CHECKPOINT
+    if ctx.is_main:  # temp files of a writer that was killed
+        remove_stale_temps(ckpt_path)
+        remove_stale_temps(run_dir / BEST)
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        base.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        pos = _Position(**state["position"])
-        history, allocation = state["history"], state["allocation"]
-        best, timing, loss_avg = state["best"], state["timing"], state["loss_avg"]
-        epoch_sums = state["epoch_sums"]
-        _set_rng_state(state["rng"])
+        def restore(state: dict[str, Any]) -> None:
+            nonlocal pos, history, allocation, best, timing, loss_avg, epoch_sums
+            base.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            pos = _Position(**state["position"])
+            history, allocation = state["history"], state["allocation"]
+            best, timing, loss_avg = state["best"], state["timing"], state["loss_avg"]
+            epoch_sums = state["epoch_sums"]
+            _set_rng_state(state["rng"])
+
+        _restore(load_checkpoint(ckpt_path, map_location=device), ckpt_path, recipe, restore)
 
     def save_checkpoint() -> None:
         if ctx.is_main:
@@ -349,7 +397,7 @@ def train(
 
     if finished and best["step"] >= 0:
         ctx.barrier()
-        base.load_state_dict(torch.load(run_dir / BEST, map_location=device, weights_only=True))
+        base.load_state_dict(load_checkpoint(run_dir / BEST, map_location=device))
     return TrainResult(
         steps=pos.global_step, epochs_done=pos.epoch, finished=finished,
         best_val_acc=float(best["acc"]), best_val_loss=float(best["loss"]),
