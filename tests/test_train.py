@@ -131,6 +131,32 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits: DataSplits, tmp_p
                if v.is_floating_point())
 
 
+def test_reading_losses_in_batches_changes_nothing_but_timing(
+    digits: DataSplits, tmp_path: Path
+) -> None:
+    results = []
+    for sync_every in (1, 5, 1000):
+        model = _vit()
+        recipe = TrainConfig(epochs=2, batch_size=32, lr=1e-3, sync_every=sync_every)
+        torch.manual_seed(3)
+        res = train(model, *_batches(digits), recipe, run_dir=tmp_path / str(sync_every),
+                    progress=False)
+        results.append((res.history, model.state_dict()))
+    (history, state), *others = results
+    for other_history, other_state in others:
+        assert other_history == history
+        assert all(torch.equal(v, other_state[k]) for k, v in state.items())
+
+
+def test_divergence_found_late_is_still_never_saved(digits: DataSplits, tmp_path: Path) -> None:
+    # Losses are read every 50 steps, but the checkpoint at step 9 reads them first.
+    model = _PoisonAfter(_vit(), after=7)
+    recipe = TrainConfig(epochs=2, batch_size=32, lr=1e-3, checkpoint_every=9, sync_every=50)
+    with pytest.raises(TrainingDiverged, match="at step 7"):
+        train(model, *_batches(digits), recipe, run_dir=tmp_path, progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_atomic_save_replaces_without_leftovers(tmp_path: Path) -> None:
     path = tmp_path / "x.pt"
     atomic_save({"a": 1}, path)

@@ -113,6 +113,9 @@ class TrainConfig:
     explode_factor: float = 20.0
     #: Record the query-head allocation of key-driven schemes every this many steps.
     allocation_every: int = 10
+    #: Read losses on the host every this many steps (one sync each) rather than every step;
+    #: results do not depend on it, a diverged step is reported up to this many steps late.
+    sync_every: int = 32
 
 
 @dataclass
@@ -397,6 +400,7 @@ def _check_recipe(name: str, r: TrainConfig) -> None:
     _require(0 <= r.label_smoothing < 1,
              f"{name}.label_smoothing must be in [0, 1), got {r.label_smoothing}")
     _require(r.explode_factor > 1, f"{name}.explode_factor must be > 1, got {r.explode_factor}")
+    _require(r.sync_every >= 1, f"{name}.sync_every must be >= 1, got {r.sync_every}")
     _require(r.allocation_every >= 0,
              f"{name}.allocation_every must be >= 0 (0 disables), got {r.allocation_every}")
 

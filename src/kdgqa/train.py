@@ -183,7 +183,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 #: Recipe fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = ("checkpoint_every", "compile")
+_RESUMABLE_CHANGES = ("checkpoint_every", "compile", "sync_every")
 
 
 def _restore(state: Any, path: Path, recipe: TrainConfig, load: Callable[[Any], None]) -> None:
@@ -314,6 +314,38 @@ def train(
 
     bar = _progress(total_steps, pos.global_step, desc, progress and ctx.is_main)
     finished = True
+    # Losses and gradient norms stay on the device and are read in batches of
+    # ``recipe.sync_every`` steps (one host sync each), always before anything is saved or
+    # evaluated: a diverged step is then reported a few steps late, never written to disk.
+    pending: list[tuple[int, int, int, Tensor, Tensor]] = []
+    mark = time.perf_counter()
+
+    def drain() -> None:
+        nonlocal loss_avg, mark
+        if pending:
+            values = torch.stack([t.float() for p in pending for t in p[3:]]).tolist()
+            for i, (step, epoch, n, _, _) in enumerate(pending):
+                value, norm = values[2 * i], values[2 * i + 1]
+                if not math.isfinite(value) or not math.isfinite(norm) or (
+                    loss_avg is not None and step >= 20
+                    and value > recipe.explode_factor * loss_avg
+                ):
+                    kept = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file()
+                            else "no checkpoint was written yet")
+                    raise TrainingDiverged(
+                        f"{desc}: loss {value:.4g} at step {step} (epoch {epoch}) is not "
+                        f"finite or exceeds {recipe.explode_factor:g} x its running mean "
+                        f"{loss_avg or float('nan'):.4g}; stopped without saving ({kept}); "
+                        "lower the learning rate or raise grad clipping")
+                loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
+                epoch_sums["loss"] += value * n
+                epoch_sums["n"] += n
+            pending.clear()
+            now = time.perf_counter()
+            timing["seconds"] += now - mark
+            mark = now
+            rate = timing["images"] / max(timing["seconds"], 1e-9)
+            bar.set_postfix(loss=f"{values[-2]:.3f}", img_s=f"{rate:.0f}", refresh=False)
     try:
         net.train()
         while pos.epoch < recipe.epochs:
@@ -327,7 +359,6 @@ def train(
                 if max_steps is not None and pos.global_step >= max_steps:
                     finished = False
                     break
-                tic = time.perf_counter()
                 with _autocast(device, recipe.amp):
                     logits = net(x)
                     loss = F.cross_entropy(logits.float(), y,
@@ -338,36 +369,25 @@ def train(
                     grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), recipe.grad_clip)
                 else:
                     grad_norm = torch.zeros((), device=device)
-                value = float(loss.detach())  # one host sync per step, needed for the checks
-                if not math.isfinite(value) or not bool(torch.isfinite(grad_norm)) or (
-                    loss_avg is not None and pos.global_step >= 20
-                    and value > recipe.explode_factor * loss_avg
-                ):
-                    kept = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file()
-                            else "no checkpoint was written yet")
-                    raise TrainingDiverged(
-                        f"{desc}: loss {value:.4g} at step {pos.global_step} (epoch "
-                        f"{pos.epoch}) is not finite or exceeds {recipe.explode_factor:g} x its "
-                        f"running mean {loss_avg or float('nan'):.4g}; stopped without saving "
-                        f"({kept}); lower the learning rate or raise grad clipping")
                 optimizer.step()
                 scheduler.step()
-                timing["seconds"] += time.perf_counter() - tic
                 timing["images"] += float(y.numel() * ctx.world_size)
-                loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
-                epoch_sums["loss"] += value * y.numel()
-                epoch_sums["n"] += y.numel()
+                pending.append((pos.global_step, pos.epoch, y.numel(), loss.detach(),
+                                grad_norm.detach()))
                 if key_driven and recipe.allocation_every and (
                     pos.global_step % recipe.allocation_every == 0
                 ):
                     allocation += record_allocation(base, pos.global_step)
                 pos.global_step += 1
                 pos.step_in_epoch += 1
-                rate = timing["images"] / max(timing["seconds"], 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}", refresh=False)
+                if len(pending) >= recipe.sync_every:
+                    drain()
                 if recipe.checkpoint_every and pos.global_step % recipe.checkpoint_every == 0:
+                    drain()
                     save_checkpoint()
+                    mark = time.perf_counter()
+            drain()
             if not finished:
                 break
             row: dict[str, Any] = {"epoch": pos.epoch, "step": pos.global_step,
@@ -385,6 +405,7 @@ def train(
                             "step": pos.global_step}
                     if ctx.is_main:
                         atomic_save(copy.deepcopy(base.state_dict()), run_dir / BEST)
+                mark = time.perf_counter()
             history.append(row)
             if on_epoch_end is not None:
                 on_epoch_end(row)
