@@ -22,8 +22,8 @@ __all__ = ["RESUMABLE_CHANGES", "check_resumable", "config_difference"]
 RESUMABLE_CHANGES = frozenset({
     "name", "output_dir", "device", "progress",
     "grid.schemes", "grid.kv_heads", "grid.seeds", "grid.include_mha",
-    "pretrain.checkpoint_every", "pretrain.compile",
-    "uptrain.checkpoint_every", "uptrain.compile",
+    "pretrain.checkpoint_every", "pretrain.compile", "pretrain.sync_every",
+    "uptrain.checkpoint_every", "uptrain.compile", "uptrain.sync_every",
 })
 
 
