@@ -7,9 +7,9 @@ the head's standardised noise row (no gradient).
 
 Written as tensor ops, autograd saves the statistics' intermediates and its backward runs a
 handful of full-size passes; on an H200 that was ~16 % of a ViT-B training step. The backward
-has a closed form. With ``g = dL/dy``, ``dm/dx_i = 1/n`` and
-``ds/dx_i = (x_i - m) / ((n - 1) s)`` (the mean's own dependence on ``x_i`` cancels because
-``sum_j (x_j - m) = 0``), so::
+has a closed form. With ``g = dL/dy``, ``dy_j/dx_i = [i == j] - dm/dx_i - u_j ds/dx_i``,
+``dm/dx_i = 1/n`` and ``ds/dx_i = (x_i - m) / ((n - 1) s)`` (in ``d/dx_i sum_j (x_j - m)^2``
+the terms through ``m`` cancel because ``sum_j (x_j - m) = 0``), so::
 
     dL/dx = g - mean(g) - sum(g * u) * (x - m) / ((n - 1) * s)
 
