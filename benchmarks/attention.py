@@ -11,6 +11,7 @@ so the comparison shows what the fused, sync-free path buys. Prints a JSON list 
 
     python benchmarks/attention.py --out benchmarks/results/attention_h200.json
     python benchmarks/attention.py --schemes gqa calibrated --expand-method split
+    python benchmarks/attention.py --schemes gqa pgqa --shapes vit_b --perturb-method autograd
     python benchmarks/attention.py --device cpu --shapes tiny --iters 3 --warmup 1  # smoke
 """
 
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 import kdgqa
 from kdgqa.allocation import even_counts
+from kdgqa.perturb import PERTURB_METHODS
 
 SHAPES: dict[str, dict[str, int]] = {
     "vit_b": {"batch": 256, "tokens": 197, "heads": 12, "kv_heads": 6, "head_dim": 64},
@@ -173,6 +175,8 @@ def measure(name: str, shape_name: str, args: argparse.Namespace) -> dict[str, o
     grad = torch.randn_like(x)
     if isinstance(module, kdgqa.GroupedQueryAttention):
         module.expand_method = args.expand_method
+        if hasattr(module.allocator, "perturb_method"):
+            module.allocator.perturb_method = args.perturb_method
     run = torch.compile(module, fullgraph=True) if args.compile else module
 
     def fwd() -> None:
@@ -193,6 +197,7 @@ def measure(name: str, shape_name: str, args: argparse.Namespace) -> dict[str, o
         "dtype": str(dtype).removeprefix("torch."),
         "compiled": args.compile,
         "expand_method": args.expand_method,
+        **({"perturb_method": args.perturb_method} if name == "pgqa" else {}),
         "fwd_ms": round(time_ms(fwd, args.iters, args.warmup, device == "cuda"), 4),
         "fwd_bwd_ms": round(time_ms(fwd_bwd, args.iters, args.warmup, device == "cuda"), 4),
         "torch": torch.__version__,
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expand-method", default="auto",
                         choices=["auto", "triton", "index_select", "advanced_index", "gather",
                                  "split"])
+    parser.add_argument("--perturb-method", default="auto", choices=list(PERTURB_METHODS),
+                        help="how pgqa's noise step runs (autograd: the plain tensor ops)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: fp32 wall-clock smoke run (no sync check)")
     parser.add_argument("--iters", type=int, default=50)

@@ -60,3 +60,32 @@ def test_inductor_compiles_fullgraph(scheme):
     torch.testing.assert_close(compiled(x), module(x), atol=1e-4, rtol=1e-4)
     module.train()
     compiled(x).sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_perturbation_kernels_equal_the_tensor_op_path(dtype):
+    from kdgqa.perturb import perturb_rows
+
+    gen = torch.Generator().manual_seed(0)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1.6e-2}
+    for b, h, n, d in ((8, 12, 197, 64), (3, 5, 17, 24)):
+        for transposed in (False, True):
+            shape = (b, n, h, d) if transposed else (b, h, n, d)
+            leaf = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
+            leaf[0, 0] = 0.25  # a row with zero std
+            unit = torch.randn(h, n * d, generator=gen)
+            grad = torch.randn(b, h, n, d, generator=gen).to(dtype)
+            res = {}
+            for method, device in (("function", "cpu"), ("triton", "cuda"), ("autograd", "cuda")):
+                x = leaf.to(device).requires_grad_(True)
+                xv = x.transpose(1, 2) if transposed else x
+                y = perturb_rows(xv, unit.to(device), method)
+                (gx,) = torch.autograd.grad(y, xv, grad.to(device))
+                if method == "triton":
+                    assert y.stride() == xv.stride() and gx.stride() == xv.stride()
+                res[method] = (y.float().cpu(), gx.float().cpu())
+            for got, want in zip(res["triton"], res["function"], strict=True):
+                torch.testing.assert_close(got, want, **tol)
+            for got, want in zip(res["triton"], res["autograd"], strict=True):
+                torch.testing.assert_close(got, want, atol=5e-2 if dtype != torch.float32 else 1e-4,
+                                           rtol=5e-2 if dtype != torch.float32 else 1e-4)

@@ -23,6 +23,7 @@ from kdgqa.allocation import (
     reference_dgqa_counts,
     reference_kdgqa_counts,
 )
+from kdgqa.perturb import perturb_rows
 
 __all__ = [
     "SCHEMES",
@@ -155,6 +156,9 @@ class PGQAAllocator(GQAAllocator):
         position = torch.arange(num_heads) % group
         off_diagonal = (torch.arange(group)[None, :] != position[:, None]).float()
         self.register_buffer("off_diagonal", off_diagonal, persistent=False)
+        #: How the perturbation runs (``kdgqa.perturb.PERTURB_METHODS``); all compute the
+        #: same values and gradients. Kept for benchmarking and tests.
+        self.perturb_method = "auto"
 
     def perturb(self, out: Tensor, kv_index: Tensor) -> Tensor:
         if not (self.training or self.options["reference"]):
@@ -165,9 +169,8 @@ class PGQAAllocator(GQAAllocator):
         noise[:, :width].mul_(self.off_diagonal[:, :width])
         noise_std, noise_mean = torch.std_mean(noise, dim=-1, keepdim=True)
         unit = (noise - noise_mean) / noise_std.clamp_min(torch.finfo(noise.dtype).tiny)
-        # Statistics over (tokens, head_dim) without reshaping, so no layout copy is made.
-        row_std, row_mean = torch.std_mean(out, dim=(2, 3), keepdim=True)
-        return out - torch.addcmul(row_mean, unit.view(heads, tokens, dim).to(out.dtype), row_std)
+        # One fused op with a closed-form backward (kdgqa.perturb); any layout of ``out``.
+        return perturb_rows(out, unit, self.perturb_method)
 
 
 class KeyDrivenAllocator(QueryAllocator):
