@@ -233,7 +233,7 @@ def test_calibration_on_non_finite_images_is_refused(scheme: str, poison: float)
 
 
 def test_calibration_normalisation_must_be_finite(tmp_path: object) -> None:
-    from kdgqa.calibrate import load_calibration
+    from kdgqa.calibration_data import load_calibration
     from kdgqa.data import DatasetError
 
     for mean, std in (((math.nan,), (0.5,)), ((0.5,), (0.0,)), ((0.5,), (math.inf,))):

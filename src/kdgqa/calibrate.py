@@ -34,11 +34,11 @@ Two statistics fill in ``M`` and ``Sigma``:
 
 The key and the value terms are each divided by their total (the loss of pooling every head
 into nothing), so the objective is the fraction of logit (key) plus output (value) energy
-lost, and neither term dominates by its units. The search takes the partition of the H heads
-into G non-empty groups with the least total loss: by enumeration when the partitions are
-few (H = 6: 31 for G = 2, 90 for G = 3), else by steepest-descent moves and swaps from an
-agglomerative start plus seeded random restarts. Groups come out uneven where some heads
-are outliers (a head unlike the others keeps a KV head to itself).
+lost, and neither term dominates by its units. The search (``kdgqa.partition``) takes the
+partition of the H heads into G non-empty groups with the least total loss: by enumeration
+when the partitions are few (H = 6: 31 for G = 2, 90 for G = 3), else by steepest-descent
+moves and swaps from an agglomerative start plus seeded random restarts. Groups come out
+uneven where some heads are outliers (a head unlike the others keeps a KV head to itself).
 
 **Why not the paper's key norms.** A key norm says how large a head's keys are, not which
 heads can share one KV head: two heads with equal norms may attend along orthogonal key
@@ -56,9 +56,7 @@ stores the group sizes in the allocator: a static allocation that runs at static
 
 from __future__ import annotations
 
-import math
-import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,34 +64,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdgqa.allocation import even_counts
 from kdgqa.convert import ConversionError, MHAWeights
+from kdgqa.partition import PoolingObjective, contiguous_groups, search_partition
 
 __all__ = [
-    "EXHAUSTIVE_LIMIT",
     "RECORDED",
     "GroupPlan",
     "InputMoments",
-    "PoolingObjective",
-    "calibration_arguments",
-    "check_calibration",
-    "count_partitions",
-    "load_calibration",
     "measure",
     "plan_groups",
     "pooling_terms",
-    "search_partition",
-    "training_images",
 ]
 
 #: ``convert(..., calibration=RECORDED)`` builds a calibrated model's structure only; its
 #: allocation comes from the state dict loaded next (how checkpoints are reloaded).
 RECORDED = "recorded"
-#: Enumerate every partition when there are at most this many; search locally otherwise.
-EXHAUSTIVE_LIMIT = 100_000
-#: Random restarts of the local search, drawn from a generator with this fixed seed.
-RESTARTS = 16
-SEED = 0
 #: Images per forward pass while measuring.
 BATCH_SIZE = 64
 
@@ -285,203 +270,6 @@ def pooling_terms(
     return result
 
 
-class PoolingObjective:
-    """Loss of mean-pooling groups of heads, from the terms of :func:`pooling_terms`."""
-
-    def __init__(self, terms: np.ndarray) -> None:
-        if terms.ndim != 3 or len(set(terms.shape)) != 1:
-            raise ValueError(f"terms must be (H, H, H), got {terms.shape}")
-        self.terms = np.asarray(terms, dtype=np.float64)
-        self.num_heads = terms.shape[0]
-        self._diag = np.einsum("iii->i", self.terms)
-        self._pair = np.einsum("iij->ij", self.terms)
-        self._cache: dict[int, float] = {}
-
-    def cost(self, group: Iterable[int]) -> float:
-        """What pooling the heads of ``group`` into one KV head loses."""
-        members = sorted(group)
-        key = sum(1 << h for h in members)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
-        idx = np.asarray(members)
-        size = len(members)
-        value = float(
-            self._diag[idx].sum()
-            - 2.0 / size * self._pair[np.ix_(idx, idx)].sum()
-            + self.terms[np.ix_(idx, idx, idx)].sum() / size**2
-        )
-        self._cache[key] = value
-        return value
-
-    def total(self, groups: Iterable[Iterable[int]]) -> float:
-        return sum(self.cost(g) for g in groups)
-
-
-# --------------------------------------------------------------------------------------------
-# The search
-
-
-def count_partitions(num_heads: int, num_groups: int, equal: bool = False) -> int:
-    """Partitions of ``num_heads`` heads into ``num_groups`` non-empty (equal) groups."""
-    if equal:
-        size = num_heads // num_groups
-        return math.factorial(num_heads) // (
-            math.factorial(size) ** num_groups * math.factorial(num_groups))
-    # Stirling numbers of the second kind, S(n, k) = k S(n-1, k) + S(n-1, k-1).
-    row = [1] + [0] * num_groups
-    for _ in range(num_heads):
-        row = [0] + [k * row[k] + row[k - 1] for k in range(1, num_groups + 1)]
-    return row[num_groups]
-
-
-def _partitions(num_heads: int, num_groups: int) -> Iterator[list[list[int]]]:
-    groups: list[list[int]] = []
-
-    def place(head: int) -> Iterator[list[list[int]]]:
-        if head == num_heads:
-            if len(groups) == num_groups:
-                yield [list(g) for g in groups]
-            return
-        if num_groups - len(groups) > num_heads - head:
-            return  # too few heads left to open the missing groups
-        for group in groups:
-            group.append(head)
-            yield from place(head + 1)
-            group.pop()
-        if len(groups) < num_groups:
-            groups.append([head])
-            yield from place(head + 1)
-            groups.pop()
-
-    yield from place(0)
-
-
-def _equal_partitions(heads: list[int], size: int) -> Iterator[list[list[int]]]:
-    if not heads:
-        yield []
-        return
-    first, rest = heads[0], heads[1:]
-    from itertools import combinations
-
-    for mates in combinations(rest, size - 1):
-        group = [first, *mates]
-        left = [h for h in rest if h not in mates]
-        for others in _equal_partitions(left, size):
-            yield [group, *others]
-
-
-def _local_search(
-    groups: list[list[int]], objective: PoolingObjective, equal: bool
-) -> list[list[int]]:
-    """Steepest descent over single-head moves (uneven only) and pairwise swaps."""
-    groups = [list(g) for g in groups]
-    costs = [objective.cost(g) for g in groups]
-    while True:
-        best_delta, best = -1e-12, None
-        for a in range(len(groups)):
-            for b in range(len(groups)):
-                if a == b:
-                    continue
-                if not equal and len(groups[a]) > 1:
-                    for h in groups[a]:
-                        na = [x for x in groups[a] if x != h]
-                        nb = [*groups[b], h]
-                        delta = objective.cost(na) + objective.cost(nb) - costs[a] - costs[b]
-                        if delta < best_delta:
-                            best_delta, best = delta, (a, b, na, nb)
-                if a < b:
-                    for h in groups[a]:
-                        for h2 in groups[b]:
-                            na = [h2 if x == h else x for x in groups[a]]
-                            nb = [h if x == h2 else x for x in groups[b]]
-                            delta = (objective.cost(na) + objective.cost(nb)
-                                     - costs[a] - costs[b])
-                            if delta < best_delta:
-                                best_delta, best = delta, (a, b, na, nb)
-        if best is None:
-            return groups
-        a, b, na, nb = best
-        groups[a], groups[b] = na, nb
-        costs[a], costs[b] = objective.cost(na), objective.cost(nb)
-
-
-def _agglomerative(objective: PoolingObjective, num_groups: int) -> list[list[int]]:
-    groups = [[h] for h in range(objective.num_heads)]
-    while len(groups) > num_groups:
-        _, a, b = min(
-            (objective.cost(groups[a] + groups[b]) - objective.cost(groups[a])
-             - objective.cost(groups[b]), a, b)
-            for a in range(len(groups)) for b in range(a + 1, len(groups))
-        )
-        groups[a] = groups[a] + groups[b]
-        del groups[b]
-    return groups
-
-
-def _random_start(num_heads: int, num_groups: int, equal: bool,
-                  rng: random.Random) -> list[list[int]]:
-    heads = list(range(num_heads))
-    rng.shuffle(heads)
-    if equal:
-        size = num_heads // num_groups
-        return [heads[g * size:(g + 1) * size] for g in range(num_groups)]
-    groups = [[h] for h in heads[:num_groups]]
-    for h in heads[num_groups:]:
-        groups[rng.randrange(num_groups)].append(h)
-    return groups
-
-
-def canonical(groups: Iterable[Iterable[int]]) -> list[list[int]]:
-    """Members ascending; groups biggest first, ties by their first head."""
-    return sorted((sorted(g) for g in groups), key=lambda g: (-len(g), g[0]))
-
-
-def contiguous_groups(num_heads: int, num_groups: int) -> list[list[int]]:
-    """The paper's grouping: contiguous runs of :func:`kdgqa.even_counts` sizes."""
-    out, start = [], 0
-    for count in even_counts(num_heads, num_groups):
-        out.append(list(range(start, start + count)))
-        start += count
-    return out
-
-
-def search_partition(
-    terms: np.ndarray | PoolingObjective,
-    num_groups: int,
-    *,
-    equal: bool = False,
-    exhaustive_limit: int = EXHAUSTIVE_LIMIT,
-    restarts: int = RESTARTS,
-    seed: int = SEED,
-) -> list[list[int]]:
-    """The partition of the heads into ``num_groups`` groups with the least pooling loss.
-
-    Exact when :func:`count_partitions` is at most ``exhaustive_limit``; otherwise the best
-    local optimum from an agglomerative (uneven) or contiguous (equal) start and
-    ``restarts`` seeded random starts. Deterministic. Returned in :func:`canonical` order.
-    """
-    objective = terms if isinstance(terms, PoolingObjective) else PoolingObjective(terms)
-    heads = objective.num_heads
-    if not 1 <= num_groups <= heads:
-        raise ValueError(f"num_groups must be in [1, {heads}], got {num_groups}")
-    if equal and heads % num_groups:
-        raise ValueError(f"equal groups need num_heads={heads} divisible by {num_groups}")
-    if count_partitions(heads, num_groups, equal) <= exhaustive_limit:
-        candidates: Iterable[list[list[int]]] = (
-            _equal_partitions(list(range(heads)), heads // num_groups) if equal
-            else _partitions(heads, num_groups)
-        )
-        best = min(candidates, key=objective.total)
-        return canonical(best)
-    rng = random.Random(seed)
-    starts = [contiguous_groups(heads, num_groups) if equal
-              else _agglomerative(objective, num_groups)]
-    starts += [_random_start(heads, num_groups, equal, rng) for _ in range(restarts)]
-    found = [_local_search(start, objective, equal) for start in starts]
-    return canonical(min(found, key=objective.total))
-
-
 # --------------------------------------------------------------------------------------------
 # Planning a conversion
 
@@ -523,121 +311,3 @@ def plan_groups(
         contiguous = contiguous_groups(weights.num_heads, num_kv_heads)
         plans[path] = GroupPlan(groups, objective.total(groups), objective.total(contiguous))
     return plans
-
-
-# --------------------------------------------------------------------------------------------
-# Calibration images from the project's datasets
-
-
-def training_images(data: Any, cfg: Any, count: int,
-                    batch_size: int = BATCH_SIZE) -> Iterator[Tensor]:
-    """The first ``count`` images of ``data`` (``kdgqa.data.ImageTensors``), prepared exactly
-    as ``kdgqa.data.Batches`` prepares training batches for ``cfg`` (a ``DataConfig``:
-    size, mean, std) but without augmentation. Deterministic."""
-    from kdgqa.data import Batches
-
-    batches = Batches(data, batch_size, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
-                      shuffle=False, drop_last=False)
-    total = min(count, len(data))
-    for start in range(0, total, batch_size):
-        yield batches.prepare(torch.arange(start, min(total, start + batch_size)))
-
-
-def calibration_arguments(
-    scheme: str, options: Mapping[str, Any], data: Any, cfg: Any
-) -> dict[str, Any]:
-    """``{"calibration": ...}`` for :func:`kdgqa.convert` when ``scheme`` needs it (the first
-    ``calibration_images`` training images, see :func:`training_images`), else ``{}``."""
-    from kdgqa.schemes import SCHEMES
-
-    cls = SCHEMES.get(scheme)
-    if cls is None or not cls.needs_calibration:
-        return {}
-    count = options.get("calibration_images", cls.option_defaults["calibration_images"])
-    return {"calibration": training_images(data, cfg, int(count))}
-
-
-DATASET_NAMES = ("imagefolder", "tiny-imagenet", "cifar10", "cifar100", "food101", "digits")
-
-
-def _dataset_config(spec: str, image_size: int, count: int) -> Any:
-    from pathlib import Path
-
-    from kdgqa.config import DataConfig
-    from kdgqa.data import DatasetError
-
-    name, sep, root = spec.partition(":")
-    if sep and name in DATASET_NAMES:
-        cfg_root: str | None = root or None
-    elif not sep and spec in DATASET_NAMES:
-        name, cfg_root = spec, None
-    elif Path(spec).is_dir():
-        name, cfg_root = "imagefolder", spec
-    else:
-        raise DatasetError(
-            f"calibration {spec!r} is neither NAME:ROOT (NAME one of "
-            f"{', '.join(DATASET_NAMES)}) nor an image folder"
-        )
-    if name == "imagefolder" and cfg_root is None:
-        raise DatasetError("calibration imagefolder needs a root: imagefolder:PATH or PATH")
-    # Loaders may hold out a test share and always a validation share of the training
-    # images; ask for enough that the training split alone still has ``count``.
-    cfg = DataConfig(name=name, root=cfg_root, image_size=image_size)
-    keep = (1.0 - cfg.test_fraction) * (1.0 - cfg.val_fraction)
-    cfg.limit_train = math.ceil(count / keep) + 2
-    return cfg
-
-
-def check_calibration(spec: str) -> None:
-    """Cheap check (no decoding) that ``spec`` names a dataset that is there; raises
-    ``kdgqa.data.DatasetError`` with one line."""
-    from kdgqa.data import check_dataset
-
-    check_dataset(_dataset_config(spec, 8, 1))
-
-
-def load_calibration(
-    spec: str,
-    count: int,
-    *,
-    image_size: int,
-    channels: int,
-    mean: Sequence[float] = (0.5,),
-    std: Sequence[float] = (0.5,),
-) -> Tensor:
-    """Calibration images from a dataset the project can load, ready for a model.
-
-    ``spec`` is ``NAME:ROOT`` (``imagefolder``, ``tiny-imagenet``, ``cifar10``, ``cifar100``,
-    ``food101``; ``digits`` needs no root) or a path to an image folder. Returns the first
-    ``count`` images of the training split (a fixed, seeded selection, never test images)
-    resized to ``image_size``, scaled
-    to [0, 1] and normalised with per-channel (or scalar) ``mean``/``std``, float32
-    ``(n, C, H, W)``. Raises ``kdgqa.data.DatasetError`` (a ``ValueError``) with one line.
-    """
-    import torch.nn.functional as F
-
-    from kdgqa.data import DatasetError, check_dataset, load_splits
-
-    cfg = _dataset_config(spec, image_size, count)
-    check_dataset(cfg)
-    splits = load_splits(cfg)
-    images = splits.train.images[:count]  # never the test split a study evaluates on
-    if images.shape[0] == 0:
-        raise DatasetError(f"calibration {spec!r} holds no images")
-    if images.shape[1] != channels:
-        raise DatasetError(f"calibration {spec!r} has {images.shape[1]}-channel images; the "
-                           f"model expects {channels} channels")
-    x = images.float().div_(255.0)
-    if tuple(x.shape[-2:]) != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
-                          align_corners=False, antialias=image_size < x.shape[-1]).clamp_(0, 1)
-    m = torch.tensor([float(v) for v in mean]).view(-1, 1, 1)
-    s = torch.tensor([float(v) for v in std]).view(-1, 1, 1)
-    if m.shape[0] not in (1, channels) or s.shape[0] not in (1, channels):
-        raise DatasetError(f"calibration mean/std need 1 or {channels} values, got "
-                           f"{list(mean)} / {list(std)}")
-    if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(s).all())
-            and bool((s > 0).all())):
-        raise DatasetError(f"calibration mean/std must be finite with std > 0, got "
-                           f"{list(mean)} / {list(std)}")
-    return (x - m) / s

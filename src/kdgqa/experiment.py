@@ -338,7 +338,7 @@ def run_experiment(
         model = copy.deepcopy(base)
         scheme, options = resolve_scheme(config.grid, spec.scheme)
         if scheme != "mha":
-            from kdgqa.calibrate import calibration_arguments
+            from kdgqa.calibration_data import calibration_arguments
 
             # Calibrated schemes measure the first training images (no augmentation).
             extra = calibration_arguments(scheme, options, splits.train, config.data)

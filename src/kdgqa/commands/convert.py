@@ -129,7 +129,7 @@ def _input_geometry(model: nn.Module) -> tuple[int, int, list[float], list[float
 
 def _calibration(args: argparse.Namespace, model: nn.Module) -> tuple[Any, str]:
     """The calibration images for ``args`` and a summary line."""
-    from kdgqa.calibrate import load_calibration
+    from kdgqa.calibration_data import load_calibration
     from kdgqa.schemes import SCHEMES
 
     count = args.calibration_images
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--calibration is only used by schemes "
                          f"{', '.join(n for n, c in SCHEMES.items() if c.needs_calibration)}")
     if args.calibration is not None:
-        from kdgqa.calibrate import check_calibration
+        from kdgqa.calibration_data import check_calibration
 
         check_calibration(args.calibration)
     if args.calibration_images is not None:
