@@ -28,7 +28,8 @@ RESUMABLE_CHANGES = frozenset({
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and not prefix.endswith("scheme_options"):
+    # A scheme's options compare as one value: {"window_size": 10} vs {} is one change.
+    if isinstance(value, dict) and not prefix.startswith(_GROWABLE):
         out: dict[str, Any] = {}
         for key, item in value.items():
             out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
@@ -36,12 +37,24 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+#: Per-label settings: options or a variant that only one side has are allowed when the study
+#: being resumed never ran that label (a grid that gained a cell); anything else must match.
+_GROWABLE = ("grid.scheme_options.", "grid.variants.")
+
+
 def config_difference(stored: ExperimentConfig, current: ExperimentConfig) -> str | None:
     """The first setting (dotted key) that changes results and differs, or None."""
     a, b = _flatten(config_to_dict(stored)), _flatten(config_to_dict(current))
+    ran = set(stored.grid.schemes)
+    ran |= {str(v.get("scheme")) for label, v in stored.grid.variants.items() if label in ran}
     for key in sorted(set(a) | set(b)):
         # A null section against a filled one differs in keys present on one side only.
         if key in RESUMABLE_CHANGES or (key in a and key in b and a[key] == b[key]):
+            continue
+        if key.startswith("grid.scheme_options.") and (a.get(key) or {}) == (b.get(key) or {}):
+            continue  # no options and empty options build the same cell
+        label = key.split(".", 2)[-1]
+        if key.startswith(_GROWABLE) and (key in a) != (key in b) and label not in ran:
             continue
         return key
     return None
