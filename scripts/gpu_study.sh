@@ -7,6 +7,7 @@
 #   bash scripts/gpu_study.sh tune         # uptraining LR sweep for mha + gqa on CIFAR-10's val split
 #   bash scripts/gpu_study.sh grid 6 0 1 2 # shards 0-2 of 6 of the study grid, concurrently
 #   bash scripts/gpu_study.sh control      # G = 1 (MQA) control, 3 seeds
+#   bash scripts/gpu_study.sh bench        # whole-model benchmark rows still missing
 # then, anywhere: kdgqa report runs/study/uptrain/shard*/ runs/study/mqa -o results/study
 #
 # Environment: MODEL (pretrained checkpoint dir; default: the pretrain stage's output or
@@ -110,5 +111,16 @@ PY
       --set grid.include_mha=false ${UPTRAIN_SET:+--set $UPTRAIN_SET} 2>&1 | tail -n 3
     tar czf "$OUT/control-files.tgz" runs/study/mqa/*.jsonl runs/study/mqa/meta.json || true
     ;;
-  *) echo "unknown stage $stage (pretrain, tune, grid)" >&2; exit 2 ;;
+  bench)  # whole-model rows still missing (issue 6): PGQA after its fused kernels, kdgqa-ps
+          # compiled, calibrated/similarity beyond ViT-B 224 eager; each beside its own timm rows
+    R=benchmarks/results
+    timeout "${TIME_LIMIT:-560}" python benchmarks/model.py --models vit_b --batch 128 \
+      --schemes gqa,pgqa --baselines timm --max-minutes 2 \
+      --out "$OUT/model_vit_b_224_pgqa_fused_h200.json" 2>&1 | tail -n 6 || true
+    timeout "${TIME_LIMIT:-560}" python benchmarks/model.py --models vit_b --batch 256 \
+      --compile on --schemes kdgqa-ps,calibrated,similarity --baselines timm --max-minutes 3 \
+      --out "$OUT/model_vit_b_224_compiled_topup_h200.json" 2>&1 | tail -n 8 || true
+    echo "copy $OUT/*.json into $R and regenerate the README tables with benchmarks/table.py"
+    ;;
+  *) echo "unknown stage $stage (pretrain, tune, grid, control, bench)" >&2; exit 2 ;;
 esac
