@@ -27,3 +27,16 @@ def tiny_hf_config(**overrides: object):  # type: ignore[no-untyped-def]
     )
     args.update(overrides)
     return ViTConfig(**args)
+
+
+def assert_training_steps_never_synchronise(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """Three forward + backward passes of ``module`` on CUDA with any GPU->CPU sync an error
+    (after one warm-up pass, whose first-call allocations may sync)."""
+    module(x).float().sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            module(x).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

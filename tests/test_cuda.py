@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_training_steps_never_synchronise
 from kdgqa import GroupedQueryAttention, available_schemes
 from kdgqa.allocation import apportion
 
@@ -39,14 +40,7 @@ def test_cuda_forward_equals_cpu(scheme):
 def test_training_step_never_synchronises(scheme):
     module = GroupedQueryAttention(768, 12, KV.get(scheme, 6), scheme).cuda().bfloat16().train()
     x = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    module(x).float().sum().backward()  # warm up (first-call allocations)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            module(x).float().sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_training_steps_never_synchronise(module, x)
 
 
 @pytest.mark.parametrize("scheme", available_schemes())

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, assert_training_steps_never_synchronise
 from kdgqa import GroupedQueryAttention, convert
 from kdgqa.sources import create_timm_vit
 
@@ -48,14 +48,7 @@ def test_training_step_never_synchronises(scheme):
     module = (_calibrated() if scheme == "calibrated"
               else GroupedQueryAttention(768, 12, 4, scheme)).cuda().bfloat16().train()
     x = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    module(x).float().sum().backward()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            module(x).float().sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_training_steps_never_synchronise(module, x)
 
 
 @pytest.mark.parametrize("scheme", ["calibrated", "kdgqa-ps"])
