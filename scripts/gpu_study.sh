@@ -8,16 +8,19 @@
 #   bash scripts/gpu_study.sh grid 6 0 1 2 # shards 0-2 of 6 of the study grid, concurrently
 #   bash scripts/gpu_study.sh control      # G = 1 (MQA) control, 3 seeds
 #   bash scripts/gpu_study.sh bench        # whole-model benchmark rows still missing
+#   bash scripts/gpu_study.sh auto         # whatever is still missing, in order, until DEADLINE
 # then, anywhere: kdgqa report runs/study/uptrain/shard*/ runs/study/mqa -o results/study
 #
 # Environment: MODEL (pretrained checkpoint dir; default: the pretrain stage's output or
 # .data/study-model), TIME_LIMIT (seconds per process, default 560; rerun to resume),
-# UPTRAIN_SET (one extra --set for the uptraining recipe, e.g. "uptrain.lr=3e-4").
+# UPTRAIN_SET (one extra --set for the uptraining recipe, e.g. "uptrain.lr=3e-4"; the auto
+# stage writes the tuned one to runs/study/recipe.txt), DEADLINE (auto: seconds from its start,
+# default 560), GRID_SHARDS (auto: concurrent grid processes, default 6).
 set -euo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/out}
 mkdir -p "$OUT"
-stage=${1:?stage: pretrain, tune, grid or control}
+stage=${1:?stage: pretrain, tune, grid, control, bench or auto}
 UPTRAIN_CONFIG=${UPTRAIN_CONFIG:-configs/study/uptrain-cifar10.yaml}
 
 unpack() {
@@ -47,10 +50,53 @@ grid_shards() {  # grid_shards N I...
     CUDA_VISIBLE_DEVICES=$((k % n_gpu)) timeout "${TIME_LIMIT:-560}" python -m kdgqa.cli \
       experiment "$UPTRAIN_CONFIG" --no-progress --resume \
       --shard "$i/$total" -o "runs/study/uptrain/shard$i" --set "model.pretrained=$(model_dir)" \
-      ${UPTRAIN_SET:+--set $UPTRAIN_SET} > "runs/study/uptrain/shard$i.log" 2>&1 &
+      ${UPTRAIN_SET:+--set $UPTRAIN_SET} >> "runs/study/uptrain/shard$i.log" 2>&1 &
     k=$((k + 1))
   done
   wait || true
+}
+
+# Seconds left before DEADLINE (auto stage), less a margin for packing the results.
+left() { echo $(( START + ${DEADLINE:-560} - $(date +%s) - ${1:-20} )); }
+
+# The LR whose mean best-validation accuracy over mha and gqa (G = 2) is highest; empty until
+# every tuning run has finished.
+chosen_lr() {
+  python - <<'PY'
+import glob, json, os, statistics
+scores = {}
+for d in sorted(glob.glob("runs/study/tune/lr*/")):
+    rows = [json.loads(line) for f in glob.glob(d + "shard*/results.jsonl") for line in open(f)]
+    if len(rows) == 2:
+        scores[d.rstrip("/").split("/lr")[-1]] = statistics.mean(r["best_val_acc"] for r in rows)
+expected = len(os.environ.get("TUNE_LRS", "1e-4 3e-4 1e-3").split())
+if len(scores) == expected:
+    print(max(scores, key=scores.get))
+PY
+}
+
+tune_runs() {  # one process per (LR, mha|gqa G=2) cell, all at once; resumable
+  mkdir -p runs/study/tune
+  local lr i
+  for lr in ${TUNE_LRS:-1e-4 3e-4 1e-3}; do
+    for i in 0 1; do
+      timeout "$1" python -m kdgqa.cli experiment "$UPTRAIN_CONFIG" --no-progress --resume \
+        -o "runs/study/tune/lr$lr/shard$i" --shard "$i/2" --set "model.pretrained=$(model_dir)" \
+        --set "uptrain.lr=$lr" --set "grid.schemes=[gqa]" --set "grid.kv_heads=[2]" \
+        --set "grid.seeds=[0]" > "runs/study/tune/lr$lr-$i.log" 2>&1 &
+    done
+  done
+  wait || true
+  for f in runs/study/tune/lr*/shard*/results.jsonl; do
+    [ -f "$f" ] && python - "$f" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{sys.argv[1].split('/')[3]:8s} {r['run_id']:12s} best val {100 * r['best_val_acc']:.2f}"
+          f"  test {100 * r['test_acc']:.2f}  {r['train_img_per_s']:.0f} img/s"
+          f"  {r['train_seconds']:.0f} s")
+PY
+  done | tee "$OUT/tune.txt"
 }
 
 case "$stage" in
@@ -121,6 +167,45 @@ PY
       --compile on --schemes kdgqa-ps,calibrated,similarity --baselines timm --max-minutes 3 \
       --out "$OUT/model_vit_b_224_compiled_topup_h200.json" 2>&1 | tail -n 8 || true
     echo "copy $OUT/*.json into $R and regenerate the README tables with benchmarks/table.py"
+    ;;
+  auto)  # pretrain -> tune -> grid + control, each resumed where the last call stopped
+    START=$(date +%s)
+    unpack tiny-imagenet-32 cifar10
+    [ -d .data/study-model ] && MODEL=${MODEL:-.data/study-model}
+    if [ ! -f "$(model_dir)/kdgqa_config.json" ]; then
+      mkdir -p runs; resume=(); [ -d runs/study/pretrain ] && resume=(--resume)
+      timeout "$(left 40)" python -m kdgqa.cli experiment "${PRETRAIN_CONFIG:-configs/study/pretrain-vit-s4-tin32.yaml}" \
+        --pretrain-only --no-progress "${resume[@]}" 2>&1 | tee -a runs/study-pretrain.log || true
+      cp runs/study-pretrain.log "$OUT/pretrain.log"
+      if [ -f runs/study/pretrain/pretrain/model/kdgqa_config.json ]; then
+        # Every uptraining run starts from the bf16 copy that comes back, on this machine too.
+        python scripts/shrink_checkpoint.py runs/study/pretrain/pretrain/model "$OUT/model" \
+          --dtype bfloat16 --max-shard 15MiB
+        rm -rf .data/study-model && cp -r "$OUT/model" .data/study-model && MODEL=.data/study-model
+        tar czf "$OUT/pretrain-files.tgz" runs/study/pretrain/*.json* \
+          runs/study/pretrain/config.yaml || true
+      fi
+    fi
+    [ -f "$(model_dir)/kdgqa_config.json" ] || exit 0
+    [ -n "${UPTRAIN_SET:-}" ] || [ -f runs/study/recipe.txt ] || {
+      [ -n "$(chosen_lr)" ] || tune_runs "$(left 30)"
+      lr=$(chosen_lr); [ -n "$lr" ] || exit 0
+      echo "uptrain.lr=$lr" | tee runs/study/recipe.txt "$OUT/recipe.txt"
+      tar czf "$OUT/tune-files.tgz" runs/study/tune
+    }
+    UPTRAIN_SET=${UPTRAIN_SET:-$(cat runs/study/recipe.txt)}
+    [ "$(left 60)" -gt 0 ] || exit 0
+    TIME_LIMIT=$(left 30) grid_shards "${GRID_SHARDS:-6}" $(seq 0 $(( ${GRID_SHARDS:-6} - 1 ))) &
+    timeout "$(left 30)" python -m kdgqa.cli experiment "$UPTRAIN_CONFIG" --no-progress --resume \
+      -o runs/study/mqa --set "model.pretrained=$(model_dir)" --set "grid.schemes=[mqa]" \
+      --set "grid.kv_heads=[1]" --set grid.include_mha=false --set "$UPTRAIN_SET" \
+      >> runs/study/mqa.log 2>&1 &
+    wait || true
+    tail -qn 2 runs/study/uptrain/shard*.log runs/study/mqa.log
+    cat runs/study/uptrain/shard*/results.jsonl runs/study/mqa/results.jsonl 2>/dev/null | wc -l || true
+    tar czf "$OUT/grid-files.tgz" runs/study/uptrain/*.log runs/study/uptrain/shard*/*.jsonl \
+      runs/study/uptrain/shard*/meta.json runs/study/uptrain/shard*/config.yaml runs/study/mqa.log \
+      runs/study/mqa/*.jsonl runs/study/mqa/meta.json runs/study/mqa/config.yaml || true
     ;;
   *) echo "unknown stage $stage (pretrain, tune, grid, control, bench)" >&2; exit 2 ;;
 esac
