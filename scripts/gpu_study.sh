@@ -9,7 +9,12 @@
 #   bash scripts/gpu_study.sh control      # G = 1 (MQA) control, 3 seeds
 #   bash scripts/gpu_study.sh bench        # whole-model benchmark rows still missing
 #   bash scripts/gpu_study.sh auto         # whatever is still missing, in order, until DEADLINE
+#   bash scripts/gpu_study.sh collect F    # here: add a returned grid-files.tgz to results/study
 # then, anywhere: kdgqa report runs/study/uptrain/shard*/ runs/study/mqa -o results/study
+#
+# The finished runs are committed in results/study/raw; `auto` on a fresh machine continues from
+# them (carry .data/study-model, the pretrained checkpoint, and .data/cifar10-jpeg.tar.xz), and
+# refuses a checkpoint whose checksums differ from results/study/raw/checkpoint.
 #
 # Environment: MODEL (pretrained checkpoint dir; default: the pretrain stage's output or
 # .data/study-model), TIME_LIMIT (seconds per process, default 560; rerun to resume),
@@ -20,7 +25,7 @@ set -euo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/out}
 mkdir -p "$OUT"
-stage=${1:?stage: pretrain, tune, grid, control, bench or auto}
+stage=${1:?stage: pretrain, tune, grid, control, bench, auto or collect}
 UPTRAIN_CONFIG=${UPTRAIN_CONFIG:-configs/study/uptrain-cifar10.yaml}
 
 unpack() {
@@ -170,18 +175,35 @@ PY
     ;;
   auto)  # pretrain -> tune -> grid + control, each resumed where the last call stopped
     START=$(date +%s)
-    unpack tiny-imagenet-32 cifar10
+    unpack cifar10
+    mkdir -p runs/study
+    # A fresh machine continues from the study state committed in results/study/raw (the
+    # results of finished runs, the tuned recipe); unfinished runs start again.
+    if [ ! -d runs/study/uptrain ] && [ -d results/study/raw/uptrain ]; then
+      cp -r results/study/raw/uptrain results/study/raw/mqa runs/study/
+      cp results/study/raw/recipe.txt runs/study/
+    fi
     [ -d .data/study-model ] && MODEL=${MODEL:-.data/study-model}
+    if [ -f results/study/raw/checkpoint/checksums.sha256 ] && [ -f "$(model_dir)/checksums.sha256" ] \
+        && ! cmp -s results/study/raw/checkpoint/checksums.sha256 "$(model_dir)/checksums.sha256"; then
+      echo "$(model_dir) is not the checkpoint the committed study started from" >&2; exit 2
+    fi
     if [ ! -f "$(model_dir)/kdgqa_config.json" ]; then
-      mkdir -p runs; resume=(); [ -d runs/study/pretrain ] && resume=(--resume)
-      timeout "$(left 40)" python -m kdgqa.cli experiment "${PRETRAIN_CONFIG:-configs/study/pretrain-vit-s4-tin32.yaml}" \
+      unpack tiny-imagenet-32
+      resume=(); [ -d runs/study/pretrain ] && resume=(--resume)
+      timeout "$(left 40)" python -m kdgqa.cli experiment \
+        "${PRETRAIN_CONFIG:-configs/study/pretrain-vit-s4-tin32.yaml}" \
         --pretrain-only --no-progress "${resume[@]}" 2>&1 | tee -a runs/study-pretrain.log || true
       cp runs/study-pretrain.log "$OUT/pretrain.log"
       if [ -f runs/study/pretrain/pretrain/model/kdgqa_config.json ]; then
         # Every uptraining run starts from the bf16 copy that comes back, on this machine too.
-        python scripts/shrink_checkpoint.py runs/study/pretrain/pretrain/model "$OUT/model" \
+        # At most 8 files come back: the shards, plus one archive of the small files.
+        python scripts/shrink_checkpoint.py runs/study/pretrain/pretrain/model .data/study-model \
           --dtype bfloat16 --max-shard 15MiB
-        rm -rf .data/study-model && cp -r "$OUT/model" .data/study-model && MODEL=.data/study-model
+        MODEL=.data/study-model
+        mkdir -p "$OUT/model" && cp .data/study-model/*.safetensors "$OUT/model/"
+        tar czf "$OUT/model-meta.tgz" -C .data study-model/kdgqa_config.json \
+          study-model/checksums.sha256 study-model/model.safetensors.index.json
         tar czf "$OUT/pretrain-files.tgz" runs/study/pretrain/*.json* \
           runs/study/pretrain/config.yaml || true
       fi
@@ -191,7 +213,7 @@ PY
       [ -n "$(chosen_lr)" ] || tune_runs "$(left 30)"
       lr=$(chosen_lr); [ -n "$lr" ] || exit 0
       echo "uptrain.lr=$lr" | tee runs/study/recipe.txt "$OUT/recipe.txt"
-      tar czf "$OUT/tune-files.tgz" runs/study/tune
+      tar czf "$OUT/tune-files.tgz" --exclude='*.pt' runs/study/tune
     }
     UPTRAIN_SET=${UPTRAIN_SET:-$(cat runs/study/recipe.txt)}
     [ "$(left 60)" -gt 0 ] || exit 0
@@ -201,11 +223,33 @@ PY
       --set "grid.kv_heads=[1]" --set grid.include_mha=false --set "$UPTRAIN_SET" \
       >> runs/study/mqa.log 2>&1 &
     wait || true
-    tail -qn 2 runs/study/uptrain/shard*.log runs/study/mqa.log
+    tail -qn 2 runs/study/uptrain/shard*.log runs/study/mqa.log || true
     cat runs/study/uptrain/shard*/results.jsonl runs/study/mqa/results.jsonl 2>/dev/null | wc -l || true
     tar czf "$OUT/grid-files.tgz" runs/study/uptrain/*.log runs/study/uptrain/shard*/*.jsonl \
       runs/study/uptrain/shard*/meta.json runs/study/uptrain/shard*/config.yaml runs/study/mqa.log \
       runs/study/mqa/*.jsonl runs/study/mqa/meta.json runs/study/mqa/config.yaml || true
+    ;;
+  collect)  # here, after a call: collect ARCHIVE (grid-files.tgz) -> results/study/raw + report
+    archive=${2:?collect: path of the grid-files.tgz that came back}
+    tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; tar xzf "$archive" -C "$tmp"
+    for src in "$tmp"/runs/study/uptrain/shard* "$tmp"/runs/study/mqa; do
+      [ -d "$src" ] || continue
+      part=${src#"$tmp"/runs/study/}; dst=results/study/raw/$part
+      # The new results must extend the committed ones, never replace a finished run.
+      python - "$dst/results.jsonl" "$src/results.jsonl" <<'PY'
+import json, os, sys
+old = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
+new = [json.loads(l) for l in open(sys.argv[2])]
+if new[:len(old)] != old:
+    sys.exit(f"{sys.argv[2]} does not extend {sys.argv[1]}; not collected")
+PY
+      mkdir -p "$dst" && cp "$src"/* "$dst"/
+    done
+    for log in "$tmp"/runs/study/uptrain/shard*.log "$tmp"/runs/study/mqa.log; do
+      [ -f "$log" ] && cp "$log" "results/study/raw/logs/$(basename "$log" | sed 's/^shard/uptrain-shard/')"
+    done
+    rm -rf "$tmp"
+    python -m kdgqa.cli report results/study/raw/uptrain/shard*/ results/study/raw/mqa -o results/study
     ;;
   *) echo "unknown stage $stage (pretrain, tune, grid, control, bench)" >&2; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ import torch
 
 from kdgqa.config import ConfigError, parse_config
 from kdgqa.convert import convert
-from kdgqa.experiment import grid_runs, kv_cache_bytes_per_token, run_experiment
+from kdgqa.experiment import grid_progress, grid_runs, kv_cache_bytes_per_token, run_experiment
 from kdgqa.sources import create_timm_vit
 
 
@@ -114,3 +114,11 @@ def test_shards_of_a_grid_merge_to_the_unsharded_study(tmp_path: Path) -> None:
     assert merged["kdgqa-ref-g3-s0"]["base_scheme"] == "kdgqa"
     assert merged["kdgqa-ref-g3-s0"]["scheme_options"] == {"reference": True}
     assert "| kdgqa-ref | 3/6 | 1 |" in (tmp_path / "merged" / "report.md").read_text()
+
+    # What --resume would skip and run: shard 0 finished; shard 1 lost its last row.
+    assert grid_progress(up(tmp_path / "s0"), (0, 2)) == (["mha-g6-s0", "kdgqa-ref-g3-s0"], [])
+    results = tmp_path / "s1" / "results.jsonl"
+    results.write_text("")
+    assert grid_progress(up(tmp_path / "s1"), (1, 2)) == ([], ["gqa-g3-s0"])
+    assert grid_progress(up(tmp_path / "s1")) == ([], ["mha-g6-s0", "gqa-g3-s0",
+                                                       "kdgqa-ref-g3-s0"])

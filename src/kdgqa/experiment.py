@@ -113,6 +113,10 @@ def environment() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
+    if versions["kdgqa"] == "absent":  # run from a source tree (PYTHONPATH=src), not installed
+        from kdgqa import __version__
+
+        versions["kdgqa"] = f"{__version__} (source tree)"
     commit = "unknown"
     here = Path(__file__).resolve().parent
     try:
@@ -204,6 +208,21 @@ def preflight(config: ExperimentConfig, resume: bool = False) -> None:
                 except ValueError as exc:
                     raise ConfigError(f"grid cell {label} G={kv} does not fit the pretrained "
                                       f"model ({heads} heads): {exc}") from None
+
+
+def grid_progress(config: ExperimentConfig,
+                  shard: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
+    """Run ids of this grid (or shard) already in ``output_dir``'s results, and those still
+    to run, in execution order; what ``--resume`` would skip and what it would do."""
+    if config.model.pretrained:
+        from kdgqa.sources import load_model
+
+        heads = _model_heads(_architecture_only(config.model.pretrained, load_model))
+    else:
+        heads = config.model.num_heads
+    planned = [run.run_id for run in grid_runs(config, heads, shard)]
+    done = _done_runs(Path(config.output_dir) / RESULTS)
+    return [r for r in planned if r in done], [r for r in planned if r not in done]
 
 
 def _done_runs(path: Path) -> set[str]:

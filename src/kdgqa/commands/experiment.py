@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kdgqa.config import describe_plan, load_config, validate
-    from kdgqa.experiment import preflight, run_experiment
+    from kdgqa.experiment import grid_progress, preflight, run_experiment
 
     config = load_config(args.config, args.overrides)
     shard = parse_shard(args.shard) if args.shard is not None else None
@@ -49,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         preflight(config, resume=args.resume)
         print(describe_plan(config))
+        if shard is not None or args.resume:
+            done, left = grid_progress(config, shard)
+            part = f"shard {shard[0]}/{shard[1]}" if shard is not None else "grid"
+            print(f"{part}: {len(done) + len(left)} runs, {len(done)} done, {len(left)} to run"
+                  + (f": {', '.join(left)}" if left else ""))
         return 0
 
     from kdgqa.distributed import init_distributed, shutdown_distributed
