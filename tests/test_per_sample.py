@@ -139,3 +139,31 @@ def test_converted_model_is_dynamic_and_refuses_a_fixed_export(tmp_path):
             torch.testing.assert_close(model(images[i:i + 1])[0], batch[i], atol=1e-6, rtol=0)
     with pytest.raises(ExportError, match="'kdgqa-ps' chooses its allocation"):
         export_mha(model, tmp_path / "out")
+
+
+def test_training_log_records_how_many_inputs_had_each_map():
+    from kdgqa.train import record_allocation
+
+    module = make()
+    x = inputs(16)
+    with torch.no_grad():
+        module(x)
+    maps = module.last_kv_index
+    (row,) = record_allocation(torch.nn.Sequential(module), step=7)
+    expected = {}
+    for m in maps:
+        key = tuple(torch.bincount(m, minlength=KV).tolist())
+        expected[key] = expected.get(key, 0) + 1 / len(x)
+    logged = {tuple(e["counts"]): e["share"] for e in row["input_counts"]}
+    assert logged.keys() == expected.keys() and len(logged) > 1
+    for key, share in expected.items():
+        assert logged[key] == pytest.approx(share)
+    shares = [e["share"] for e in row["input_counts"]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(1.0)
+    assert row["counts"] == torch.bincount(maps[0], minlength=KV).tolist()
+
+    shared = make("kdgqa")  # one map for the whole batch: nothing per input to record
+    with torch.no_grad():
+        shared(x)
+    (row,) = record_allocation(torch.nn.Sequential(shared), step=7)
+    assert "input_counts" not in row and sum(row["counts"]) == HEADS

@@ -128,7 +128,12 @@ def evaluate(
 
 
 def record_allocation(model: nn.Module, step: int) -> list[dict[str, Any]]:
-    """Queries per KV head in each key-driven layer's last forward pass."""
+    """Queries per KV head in each key-driven layer's last forward pass.
+
+    ``counts`` is the first input's map; a per-input scheme (one map per input) also records
+    ``input_counts``: each distinct map of the batch with the share of inputs that had it,
+    most common first, so a study can tell whether inputs ever left the even split.
+    """
     rows = []
     layer = 0
     for _, module in model.named_modules():
@@ -137,7 +142,18 @@ def record_allocation(model: nn.Module, step: int) -> list[dict[str, Any]]:
         if module.allocator.key_driven and module.last_kv_index is not None:
             index = module.last_kv_index.reshape(-1, module.num_heads)
             counts = torch.bincount(index[0], minlength=module.num_kv_heads)
-            rows.append({"step": step, "layer": layer, "counts": counts.tolist()})
+            row: dict[str, Any] = {"step": step, "layer": layer, "counts": counts.tolist()}
+            if index.shape[0] > 1:
+                per_input = torch.zeros(index.shape[0], module.num_kv_heads, dtype=torch.long,
+                                        device=index.device)
+                per_input.scatter_add_(1, index.long(), torch.ones_like(index, dtype=torch.long))
+                maps, seen = torch.unique(per_input, dim=0, return_counts=True)
+                order = seen.argsort(descending=True)
+                row["input_counts"] = [
+                    {"counts": maps[i].tolist(), "share": seen[i].item() / index.shape[0]}
+                    for i in order.tolist()
+                ]
+            rows.append(row)
         layer += 1
     return rows
 
