@@ -19,6 +19,7 @@ __all__ = [
     "DATASET_NAMES",
     "calibration_arguments",
     "check_calibration",
+    "dataset_config",
     "load_calibration",
     "training_images",
 ]
@@ -58,7 +59,10 @@ def calibration_arguments(
 DATASET_NAMES = ("imagefolder", "tiny-imagenet", "cifar10", "cifar100", "food101", "digits")
 
 
-def _dataset_config(spec: str, image_size: int, count: int) -> Any:
+def dataset_config(spec: str, image_size: int, count: int, what: str = "calibration") -> Any:
+    """A ``DataConfig`` for ``spec`` (``NAME:ROOT``, ``NAME`` or an image folder) that decodes
+    only enough training images to leave ``count`` in the training split; its test split is
+    whole. Raises ``kdgqa.data.DatasetError`` with one line."""
     from pathlib import Path
 
     from kdgqa.config import DataConfig
@@ -73,11 +77,11 @@ def _dataset_config(spec: str, image_size: int, count: int) -> Any:
         name, cfg_root = "imagefolder", spec
     else:
         raise DatasetError(
-            f"calibration {spec!r} is neither NAME:ROOT (NAME one of "
+            f"{what} {spec!r} is neither NAME:ROOT (NAME one of "
             f"{', '.join(DATASET_NAMES)}) nor an image folder"
         )
     if name == "imagefolder" and cfg_root is None:
-        raise DatasetError("calibration imagefolder needs a root: imagefolder:PATH or PATH")
+        raise DatasetError(f"{what} imagefolder needs a root: imagefolder:PATH or PATH")
     # Loaders may hold out a test share and always a validation share of the training
     # images; ask for enough that the training split alone still has ``count``.
     cfg = DataConfig(name=name, root=cfg_root, image_size=image_size)
@@ -91,7 +95,7 @@ def check_calibration(spec: str) -> None:
     ``kdgqa.data.DatasetError`` with one line."""
     from kdgqa.data import check_dataset
 
-    check_dataset(_dataset_config(spec, 8, 1))
+    check_dataset(dataset_config(spec, 8, 1))
 
 
 def load_calibration(
@@ -116,7 +120,7 @@ def load_calibration(
 
     from kdgqa.data import DatasetError, check_dataset, load_splits
 
-    cfg = _dataset_config(spec, image_size, count)
+    cfg = dataset_config(spec, image_size, count)
     check_dataset(cfg)
     splits = load_splits(cfg)
     images = splits.train.images[:count]  # never the test split a study evaluates on

@@ -19,6 +19,7 @@ __all__ = ["COMMANDS", "CommandError", "build_parser", "main"]
 COMMANDS: tuple[str, ...] = (
     "kdgqa.commands.convert",
     "kdgqa.commands.experiment",
+    "kdgqa.commands.fidelity",
     "kdgqa.commands.report",
 )
 
