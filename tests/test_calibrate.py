@@ -145,7 +145,8 @@ def test_conversion_picks_the_brute_force_best_groups_of_every_layer(scheme, gro
     model = _timm()
     x = _images()
     statistic = "attention" if scheme == "calibrated" else "energy"
-    converted = convert(copy.deepcopy(model), scheme, groups, calibration=x)
+    # The pooling objective alone (selection by the model's output: tests/test_selection.py).
+    converted = convert(copy.deepcopy(model), scheme, groups, calibration=x, selection="pooling")
     for index, block in enumerate(converted.blocks):
         chosen = block.attn.allocator.groups()
         candidates = all_partitions(HEADS, groups, equal=scheme == "similarity")

@@ -56,7 +56,7 @@ stores the group sizes in the allocator: a static allocation that runs at static
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,10 +65,16 @@ import torch
 from torch import Tensor, nn
 
 from kdgqa.convert import ConversionError, MHAWeights
-from kdgqa.partition import PoolingObjective, contiguous_groups, search_partition
+from kdgqa.partition import (
+    PoolingObjective,
+    canonical,
+    contiguous_groups,
+    search_partition,
+)
 
 __all__ = [
     "RECORDED",
+    "SELECTIONS",
     "GroupPlan",
     "InputMoments",
     "measure",
@@ -81,6 +87,8 @@ __all__ = [
 RECORDED = "recorded"
 #: Images per forward pass while measuring.
 BATCH_SIZE = 64
+#: How a layer's groups are picked among candidates (see :func:`plan_groups`).
+SELECTIONS = ("output", "pooling")
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +290,9 @@ class GroupPlan:
     loss: float
     #: The loss of the paper's contiguous groups, for comparison.
     contiguous_loss: float
+    #: With ``selection="output"``: the relative error of the model's final features for
+    #: each candidate, ``[least-loss, contiguous]`` (empty when they were the same groups).
+    candidate_errors: list[float] = field(default_factory=list)
     counts: list[int] = field(init=False)
     head_order: list[int] = field(init=False)
 
@@ -300,14 +311,57 @@ def plan_groups(
     equal: bool,
     values: bool,
     max_images: int,
+    selection: str = "pooling",
+    build: Callable[[str, list[list[int]]], nn.Module] | None = None,
 ) -> dict[str, GroupPlan]:
-    """Measure ``model`` on ``calibration`` and choose every layer's groups."""
-    moments = measure(model, [(path, module) for path, module, _ in layers], calibration,
+    """Measure ``model`` on ``calibration`` and choose every layer's groups.
+
+    ``selection="pooling"``: each layer's least-loss partition. ``"output"``: between that
+    and the contiguous partition, whichever leaves the model's final features closer to the
+    original on the same images, layer by layer in forward order (``kdgqa.selection``);
+    needs ``build(path, groups)``, the converted module of one layer.
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; valid: {', '.join(SELECTIONS)}")
+    if selection == "output" and build is None:
+        raise ValueError("selection='output' needs build(path, groups)")
+    images = _first_images(calibration, max_images)  # read once: measured, then re-run
+    moments = measure(model, [(path, module) for path, module, _ in layers], images,
                       max_images)
     plans: dict[str, GroupPlan] = {}
+    candidates: dict[str, list[list[list[int]]]] = {}
+    objectives: dict[str, PoolingObjective] = {}
     for path, _, weights in layers:
         objective = PoolingObjective(pooling_terms(weights, moments[path], statistic, values))
         groups = search_partition(objective, num_kv_heads, equal=equal)
         contiguous = contiguous_groups(weights.num_heads, num_kv_heads)
         plans[path] = GroupPlan(groups, objective.total(groups), objective.total(contiguous))
+        objectives[path] = objective
+        candidates[path] = [groups] if canonical(groups) == canonical(contiguous) else [
+            groups, contiguous]
+    if selection == "output":
+        assert build is not None
+        from kdgqa.selection import select_groups
+
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else None
+        on_model = [x.to(device=device, dtype=dtype or x.dtype) for x in images]
+        picked = select_groups(model, [path for path, _, _ in layers], candidates, on_model,
+                               build)
+        for path, (groups, errors) in picked.items():
+            plans[path] = GroupPlan(groups, objectives[path].total(groups),
+                                    plans[path].contiguous_loss, errors)
     return plans
+
+
+def _first_images(calibration: Any, max_images: int) -> list[Tensor]:
+    """The first ``max_images`` calibration images as a list of batches (validated)."""
+    batches: list[Tensor] = []
+    seen = 0
+    for batch in _image_batches(calibration, BATCH_SIZE):
+        batches.append(batch[: max_images - seen])
+        seen += batches[-1].shape[0]
+        if seen >= max_images:
+            break
+    return batches

@@ -432,6 +432,7 @@ def _calibrated_groups(
     num_kv_heads: int,
     calibration: Any,
     scheme_options: dict[str, Any],
+    pooling: str = "mean",
 ) -> dict[str, Any]:
     """Check ``calibration`` against the scheme; measure and plan groups where needed."""
     from kdgqa.schemes import SCHEMES, CalibratedAllocator, build_allocator
@@ -462,10 +463,18 @@ def _calibrated_groups(
     assert isinstance(allocator, CalibratedAllocator)
     from kdgqa.calibrate import plan_groups
 
+    modules = {path: (module, weights) for path, module, weights in plans}
+
+    def build(path: str, groups: list[list[int]]) -> nn.Module:
+        module, weights = modules[path]
+        return _build_replacement(module, weights, scheme, num_kv_heads, pooling,
+                                  dict(scheme_options), groups)
+
     return plan_groups(
         model, plans, num_kv_heads, calibration,
         statistic=allocator.options["statistic"], equal=allocator.equal_groups,
         values=allocator.uses_values, max_images=allocator.options["calibration_images"],
+        selection=allocator.options["selection"], build=build,
     )
 
 
@@ -516,7 +525,8 @@ def convert(
     found = find_attention(model)
     plans = [(path, module, read_mha_weights(module, path)) for path, module in found]
     heads = {w.num_heads for _, _, w in plans}
-    groups = _calibrated_groups(model, plans, scheme, num_kv_heads, calibration, scheme_options)
+    groups = _calibrated_groups(model, plans, scheme, num_kv_heads, calibration, scheme_options,
+                                pooling)
     # Build every replacement first: scheme or G errors surface before the model changes.
     replacements: list[tuple[str, GroupedQueryAttention]] = []
     for path, module, weights in plans:
@@ -546,7 +556,8 @@ def convert(
     if groups:
         conversion["calibration"] = {
             path: {"groups": plan.groups, "loss": plan.loss,
-                   "contiguous_loss": plan.contiguous_loss}
+                   "contiguous_loss": plan.contiguous_loss,
+                   "candidate_errors": plan.candidate_errors}
             for path, plan in groups.items()
         }
     setattr(model, "kdgqa_conversion", conversion)  # noqa: B010 (nn.Module attribute typing)

@@ -398,6 +398,8 @@ class DGQADiffAllocator(DGQAAllocator):
 
 #: Statistics a calibrated scheme can measure (see ``kdgqa.calibrate``).
 CALIBRATION_STATISTICS = ("attention", "energy")
+#: How a calibrated scheme picks each layer's groups among candidates (``kdgqa.calibrate``).
+CALIBRATION_SELECTIONS = ("output", "pooling")
 
 
 class CalibratedAllocator(QueryAllocator):
@@ -413,10 +415,13 @@ class CalibratedAllocator(QueryAllocator):
     costs nothing at run time: uneven groups run as one native-GQA SDPA call per distinct
     group size (``kdgqa.ops.grouped_attention``), equal groups as plain static GQA.
 
-    Options: ``calibration_images`` (how many images to measure, default 512) and
+    Options: ``calibration_images`` (how many images to measure, default 512),
     ``statistic`` (``attention``, default: error of the attention logits and outputs;
-    ``energy``: plain key/value energy; see ``kdgqa.calibrate``). Built without calibration
-    (or before its state is loaded), it is static GQA with even contiguous groups.
+    ``energy``: plain key/value energy; see ``kdgqa.calibrate``) and ``selection``
+    (``output``, default: per layer, the least-loss or the contiguous partition, whichever
+    leaves the model's final features closer to the original on the calibration images,
+    see ``kdgqa.selection``; ``pooling``: the least-loss partition alone). Built without
+    calibration (or before its state is loaded), it is static GQA with even contiguous groups.
     """
 
     name = "calibrated"
@@ -425,7 +430,8 @@ class CalibratedAllocator(QueryAllocator):
     equal_groups: ClassVar[bool] = False
     #: Whether the value pooling error counts in the objective (keys always do).
     uses_values: ClassVar[bool] = True
-    option_defaults = MappingProxyType({"calibration_images": 512, "statistic": "attention"})
+    option_defaults = MappingProxyType({"calibration_images": 512, "statistic": "attention",
+                                        "selection": "output"})
     counts: Tensor
     head_order: Tensor
 
@@ -437,6 +443,11 @@ class CalibratedAllocator(QueryAllocator):
         if isinstance(images, bool) or not isinstance(images, int) or images < 1:
             raise ValueError(f"scheme {self.name!r}: calibration_images must be an integer "
                              f">= 1, got {images!r}")
+        if self.options["selection"] not in CALIBRATION_SELECTIONS:
+            raise ValueError(
+                f"scheme {self.name!r}: unknown selection {self.options['selection']!r}; "
+                f"valid: {', '.join(CALIBRATION_SELECTIONS)}"
+            )
         if self.options["statistic"] not in CALIBRATION_STATISTICS:
             raise ValueError(
                 f"scheme {self.name!r}: unknown statistic {self.options['statistic']!r}; "
@@ -508,7 +519,8 @@ class SimilarityAllocator(CalibratedAllocator):
     name = "similarity"
     equal_groups = True
     uses_values = False
-    option_defaults = MappingProxyType({"calibration_images": 512, "statistic": "energy"})
+    option_defaults = MappingProxyType({"calibration_images": 512, "statistic": "energy",
+                                        "selection": "pooling"})
 
 
 def set_stats_reducer(model: nn.Module, reducer: Callable[[Tensor], Tensor] | None) -> None:
