@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                       std=config.data.std, shuffle=False, drop_last=False)
     reference = model_outputs(base, batches.epoch(0))
 
-    cells = [("mha", "mha", {}, heads)]
+    cells: list[tuple[str, str, dict[str, Any], int]] = [("mha", "mha", {}, heads)]
     for kv in config.grid.kv_heads:
         cells += [(label, *resolve_scheme(config.grid, label), kv)
                   for label in config.grid.schemes]
