@@ -62,7 +62,7 @@ def test_an_exact_conversion_is_fully_faithful_and_a_lossy_one_is_not() -> None:
 
 
 def test_models_without_timm_features_are_refused() -> None:
-    with pytest.raises(TypeError, match="not a timm-style model"):
+    with pytest.raises(ValueError, match="not a timm-style model"):
         model_outputs(torch.nn.Linear(4, 2), [(torch.randn(2, 4), torch.tensor([0, 1]))])
     with pytest.raises(ValueError, match="no images"):
         model_outputs(create_timm_vit(**TINY_VIT), [])

@@ -45,7 +45,7 @@ def _pre_logits_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]
     forward_features = getattr(model, "forward_features", None)
     forward_head = getattr(model, "forward_head", None)
     if not (callable(forward_features) and callable(forward_head)):
-        raise TypeError(f"{type(model).__name__} is not a timm-style model (forward_features "
+        raise ValueError(f"{type(model).__name__} is not a timm-style model (forward_features "
                         "and forward_head(x, pre_logits=True)); fidelity needs its features")
     features = forward_features(x)
     return forward_head(features, pre_logits=True), forward_head(features)
