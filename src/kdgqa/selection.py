@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from kdgqa.convert import _set_submodule
+
 __all__ = ["final_features", "select_groups"]
 
 Groups = list[list[int]]
@@ -44,11 +46,6 @@ def final_features(model: nn.Module, x: Tensor) -> Tensor:
         raise TypeError(f"cannot read features from {type(model).__name__}'s output "
                         f"({type(out).__name__})")
     return out.float()
-
-
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
 
 
 @torch.no_grad()
@@ -84,16 +81,16 @@ def select_groups(
             errors: list[float] = []
             if len(options) > 1:  # with one candidate there is nothing to measure
                 for groups in options:
-                    _set(model, path, build(path, groups).eval())
+                    _set_submodule(model, path, build(path, groups).eval())
                     errors.append(error())
             # A non-finite error (NaN features) never wins; ties keep the earlier candidate.
             best = min(range(len(options)), key=lambda i: (
                 errors[i] if errors and errors[i] == errors[i] else float("inf")))
-            _set(model, path, build(path, options[best]).eval())
+            _set_submodule(model, path, build(path, options[best]).eval())
             chosen[path] = (options[best], errors)
     finally:
         for path, module in originals.items():
-            _set(model, path, module)
+            _set_submodule(model, path, module)
         for module, training in modes:
             module.training = training
     return chosen
