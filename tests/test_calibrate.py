@@ -35,22 +35,26 @@ def _images(count: int = 24, seed: int = 1) -> torch.Tensor:
     return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+def _kv_head_views(model: nn.Module) -> list[torch.Tensor]:
+    """Per layer, the K and V rows of ``qkv``'s weight and bias as ``(HEADS, HEAD_DIM, -1)``
+    views, to edit heads in place."""
+    width = HEADS * HEAD_DIM
+    return [tensor[part * width:(part + 1) * width].view(HEADS, HEAD_DIM, -1)
+            for block in model.blocks for part in (1, 2)
+            for tensor in (block.attn.qkv.weight, block.attn.qkv.bias)]
+
+
 def _plant(model: nn.Module, groups: list[list[int]], noise: float = 0.05) -> nn.Module:
     """Give the heads of each group near-identical K and V projections (``noise`` relative
     to the weights' spread)."""
     gen = torch.Generator().manual_seed(7)
-    width = HEADS * HEAD_DIM
     with torch.no_grad():
-        for block in model.blocks:
-            qkv = block.attn.qkv
-            for part in (1, 2):
-                for tensor in (qkv.weight, qkv.bias):
-                    heads = tensor[part * width:(part + 1) * width].view(HEADS, HEAD_DIM, -1)
-                    spread = float(heads.std())
-                    for group in groups:
-                        for h in group[1:]:
-                            heads[h] = heads[group[0]] + noise * spread * torch.randn(
-                                heads[h].shape, generator=gen)
+        for heads in _kv_head_views(model):
+            spread = float(heads.std())
+            for group in groups:
+                for h in group[1:]:
+                    heads[h] = heads[group[0]] + noise * spread * torch.randn(
+                        heads[h].shape, generator=gen)
     return model
 
 
@@ -58,15 +62,10 @@ def _group_mean_reference(model: nn.Module, groups: list[list[int]]) -> nn.Modul
     """Independent reference: the MHA model, each head's K/V replaced by its group's mean
     (the same groups in every layer)."""
     model = copy.deepcopy(model)
-    width = HEADS * HEAD_DIM
     with torch.no_grad():
-        for block in model.blocks:
-            qkv = block.attn.qkv
-            for part in (1, 2):
-                for tensor in (qkv.weight, qkv.bias):
-                    heads = tensor[part * width:(part + 1) * width].view(HEADS, HEAD_DIM, -1)
-                    for group in groups:
-                        heads[group] = heads[group].mean(0, keepdim=True).expand_as(heads[group])
+        for heads in _kv_head_views(model):
+            for group in groups:
+                heads[group] = heads[group].mean(0, keepdim=True).expand_as(heads[group])
     return model
 
 
