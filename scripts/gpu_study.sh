@@ -8,6 +8,7 @@
 #   bash scripts/gpu_study.sh grid 6 0 1 2 # shards 0-2 of 6 of the study grid, concurrently
 #   bash scripts/gpu_study.sh control      # G = 1 (MQA) control, 3 seeds
 #   bash scripts/gpu_study.sh bench        # whole-model benchmark rows still missing
+#   bash scripts/gpu_study.sh ablation     # calibrated with the pooling loss alone (issue 7)
 #   bash scripts/gpu_study.sh auto         # whatever is still missing, in order, until DEADLINE
 #   bash scripts/gpu_study.sh collect F    # here: add a returned grid-files.tgz to results/study
 # then, anywhere: kdgqa report runs/study/uptrain/shard*/ runs/study/mqa -o results/study
@@ -173,6 +174,23 @@ PY
       --compile on --schemes kdgqa-ps,calibrated,similarity --baselines timm --max-minutes 3 \
       --out "$OUT/model_vit_b_224_compiled_topup_h200.json" 2>&1 | tail -n 8 || true
     echo "copy $OUT/*.json into $R and regenerate the README tables with benchmarks/table.py"
+    ;;
+  ablation)  # issue 7: `calibrated` with the pooling loss alone (selection=pooling), the
+             # form before the output check, G = 2, 3 x 3 seeds; one process per run
+    unpack cifar10
+    mkdir -p runs/study/ablation
+    for i in 0 1 2 3 4 5; do
+      timeout "${TIME_LIMIT:-560}" python -m kdgqa.cli experiment "$UPTRAIN_CONFIG" \
+        --no-progress --resume --shard "$i/6" -o "runs/study/ablation/shard$i" \
+        --set "model.pretrained=$(model_dir)" --set "grid.schemes=[calibrated-pooling]" \
+        --set grid.include_mha=false \
+        --set "grid.variants={calibrated-pooling: {scheme: calibrated, selection: pooling}}" \
+        >> "runs/study/ablation/shard$i.log" 2>&1 &
+    done
+    wait || true
+    tail -qn 2 runs/study/ablation/shard*.log || true
+    tar czf "$OUT/ablation-files.tgz" runs/study/ablation/*.log runs/study/ablation/shard*/*.jsonl \
+      runs/study/ablation/shard*/meta.json runs/study/ablation/shard*/config.yaml || true
     ;;
   auto)  # pretrain -> tune -> grid + control, each resumed where the last call stopped
     START=$(date +%s)
