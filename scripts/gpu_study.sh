@@ -261,10 +261,11 @@ PY
       TIME_LIMIT=$(left 20) bash "$0" bench
     fi
     ;;
-  collect)  # here, after a call: collect ARCHIVE (grid-files.tgz) -> results/study/raw + report
-    archive=${2:?collect: path of the grid-files.tgz that came back}
+  collect)  # here, after a call: collect ARCHIVE (grid-files.tgz or ablation-files.tgz) -> results/study/raw + report
+    archive=${2:?collect: path of the grid-files.tgz or ablation-files.tgz that came back}
     tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; tar xzf "$archive" -C "$tmp"
-    for src in "$tmp"/runs/study/uptrain/shard* "$tmp"/runs/study/mqa; do
+    for src in "$tmp"/runs/study/uptrain/shard* "$tmp"/runs/study/mqa \
+        "$tmp"/runs/study/ablation/shard*; do
       [ -d "$src" ] || continue
       part=${src#"$tmp"/runs/study/}; dst=results/study/raw/$part
       # The new results must extend the committed ones, never replace a finished run.
@@ -277,11 +278,15 @@ if new[:len(old)] != old:
 PY
       mkdir -p "$dst" && cp "$src"/* "$dst"/
     done
-    for log in "$tmp"/runs/study/uptrain/shard*.log "$tmp"/runs/study/mqa.log; do
-      [ -f "$log" ] && cp "$log" "results/study/raw/logs/$(basename "$log" | sed 's/^shard/uptrain-shard/')"
+    for log in "$tmp"/runs/study/uptrain/shard*.log "$tmp"/runs/study/mqa.log \
+        "$tmp"/runs/study/ablation/shard*.log; do
+      [ -f "$log" ] || continue
+      kind=$(basename "$(dirname "$log")")  # uptrain or ablation; study for mqa.log
+      cp "$log" "results/study/raw/logs/$(basename "$log" | sed "s/^shard/$kind-shard/")"
     done
     rm -rf "$tmp"
-    python -m kdgqa.cli report results/study/raw/uptrain/shard*/ results/study/raw/mqa -o results/study
+    python -m kdgqa.cli report results/study/raw/uptrain/shard*/ results/study/raw/mqa \
+      $(ls -d results/study/raw/ablation/shard*/ 2>/dev/null) -o results/study
     ;;
   *) echo "unknown stage $stage (pretrain, tune, grid, control, bench)" >&2; exit 2 ;;
 esac
