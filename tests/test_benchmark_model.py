@@ -139,3 +139,24 @@ def test_ratios_use_the_baseline_of_the_same_run():
     text = table.model_tables(rows)
     assert "| timm | mha | 100 (1.00x) |" in text  # the larger run's baseline is shown
     assert "0.90x" in text and "1.20x" in text
+
+
+def test_a_scheme_measured_again_shows_its_newest_row_against_its_own_baseline():
+    def row(run, impl, scheme, rate):
+        return {"run_id": run, "model": "vit_b", "img_size": 224, "batch": 128, "mode": "train",
+                "compiled": False, "impl": impl, "scheme": scheme, "img_per_s": rate,
+                "ms_per_step": 1.0, "kv_heads": 6, "mfu": 0.3, "mfu_mha_flops": 0.3,
+                "peak_mem_gib": 1.0}
+
+    main, later = "20261128T221642-vm-1-cuda:0", "20261129T015514-vm-2-cuda:0"
+    rows = [row(main, "timm", "mha", 100.0), row(main, "kdgqa", "gqa", 107.0),
+            row(main, "kdgqa", "pgqa", 90.0), row(main, "official", "pgqa", 45.0),
+            row(later, "timm", "mha", 80.0), row(later, "kdgqa", "pgqa", 84.0)]
+    train = table.model_tables(rows).split("**kdgqa / official")[0]  # rows are train only
+    assert "| timm | mha | 100 (1.00x) |" in train  # the main run's baseline
+    assert "| kdgqa | pgqa | 84 (1.05x) |" in train  # the re-measured row, own baseline
+    assert "90 (0.90x)" not in train
+    lines = [line for line in train.splitlines() if line.startswith("| kdgqa")]
+    assert [line.split(" | ")[1] for line in lines] == ["gqa", "pgqa"]  # the main run's order
+    # The official-style ratio is a same-run ratio: only the main run has one for pgqa.
+    assert "| kdgqa | pgqa | 2.00x |" in table.model_tables(rows)

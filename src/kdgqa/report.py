@@ -212,12 +212,15 @@ def _plots(out: Path, summary: Sequence[SummaryRow], allocation: list[dict[str, 
     fig.savefig(out / "accuracy_per_scheme.png", dpi=120)
     plt.close(fig)
 
-    # Accuracy against KV heads.
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for scheme in schemes:
+    # Accuracy against KV heads. A study has more schemes than the default colour cycle:
+    # 20 colours and a marker per scheme keep every line distinct.
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colours, markers = plt.get_cmap("tab20").colors, "osD^vP<>Xh"
+    for i, scheme in enumerate(schemes):
         line = sorted((r for r in summary if r.scheme == scheme), key=lambda r: r.kv_heads)
         ax.errorbar([r.kv_heads for r in line], [100 * r.acc_mean for r in line],
-                    yerr=[100 * r.acc_std for r in line], marker="o", capsize=3, label=scheme)
+                    yerr=[100 * r.acc_std for r in line], marker=markers[i % len(markers)],
+                    color=colours[i % len(colours)], capsize=3, label=scheme)
     for r in mha:
         ax.errorbar([r.kv_heads], [100 * r.acc_mean], yerr=[100 * r.acc_std], marker="*",
                     color="k", ms=10, ls="none", label="mha")
@@ -225,7 +228,7 @@ def _plots(out: Path, summary: Sequence[SummaryRow], allocation: list[dict[str, 
     ax.set_xlabel("KV heads (G)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy against KV heads")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_kv_heads.png", dpi=120)
     plt.close(fig)
