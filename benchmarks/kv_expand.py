@@ -20,7 +20,7 @@ from attention import SHAPES, emit, time_ms
 from kdgqa.allocation import counts_to_kv_index
 from kdgqa.ops import grouped_attention
 
-VARIANTS = ("native_enable_gqa", "triton", "index_select", "advanced_index", "gather")
+VARIANTS = ("native_enable_gqa", "triton", "index_select", "advanced_index", "gather", "onehot")
 
 
 def main(argv: list[str] | None = None) -> int:

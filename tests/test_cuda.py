@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -83,3 +87,32 @@ def test_fused_perturbation_kernels_equal_the_tensor_op_path(dtype):
             for got, want in zip(res["triton"], res["autograd"], strict=True):
                 torch.testing.assert_close(got, want, atol=5e-2 if dtype != torch.float32 else 1e-4,
                                            rtol=5e-2 if dtype != torch.float32 else 1e-4)
+
+
+# A fresh process: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts, and determinism is a
+# process-wide torch setting.
+_TWO_STEPS = """
+import torch
+from kdgqa import GroupedQueryAttention
+torch.use_deterministic_algorithms(True)
+
+def grads():
+    torch.manual_seed(0)
+    module = GroupedQueryAttention(384, 6, 2, {scheme!r}).cuda()
+    x = torch.randn(32, 197, 384, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        module(x).float().square().mean().backward()
+    return [x.grad] + [p.grad for p in module.parameters()]
+
+first, second = grads(), grads()
+assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True)), "grads differ"
+"""
+
+
+@pytest.mark.parametrize("scheme", ["kdgqa", "dgqa-ema", "kdgqa-ps", "gqa"])
+def test_deterministic_mode_makes_training_steps_bitwise_reproducible(scheme):
+    # Three query heads per KV head: the gather's atomic-add backward would vary run to run.
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    done = subprocess.run([sys.executable, "-c", _TWO_STEPS.format(scheme=scheme)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

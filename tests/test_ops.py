@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from kdgqa.ops import expand_kv, grouped_attention, native_gqa_is_fused
 
 
-@pytest.mark.parametrize("method", ["auto", "gather", "index_select", "advanced_index"])
+@pytest.mark.parametrize("method", ["auto", "gather", "index_select", "advanced_index", "onehot"])
 def test_expansion_methods_agree(method):
     kv = torch.randn(2, 5, 6, 4)  # B, N, 2G (G = 3), D
     index = torch.tensor([0, 0, 1, 2, 2, 2])
@@ -19,10 +19,11 @@ def test_expansion_methods_agree(method):
     torch.testing.assert_close(out[:, :, 6:], kv[:, :, 3 + index])
 
 
-def test_per_input_maps_expand_each_input_by_its_own_map():
+@pytest.mark.parametrize("method", ["auto", "onehot"])
+def test_per_input_maps_expand_each_input_by_its_own_map(method):
     kv = torch.randn(2, 5, 4, 3)
     index = torch.tensor([[0, 0, 1], [1, 1, 1]])
-    out = expand_kv(kv, index)
+    out = expand_kv(kv, index, method)
     for b in range(2):
         torch.testing.assert_close(out[b, :, :3], kv[b, :, index[b]])
     with pytest.raises(ValueError, match="only a \\(H,\\) map"):
@@ -46,3 +47,41 @@ def test_uniform_path_equals_the_expanded_path():
 def test_native_gqa_is_only_claimed_where_fused():
     assert not native_gqa_is_fused(torch.randn(1, 2, 3, 4), None)
     assert not native_gqa_is_fused(torch.randn(1, 2, 3, 4, dtype=torch.bfloat16), None)
+
+
+def _grad_fn_names(tensor):
+    names, stack = set(), [tensor.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and type(fn).__name__ not in names:
+            names.add(type(fn).__name__)
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("per_input", [False, True])
+def test_onehot_expansion_is_exact_and_has_the_gathers_gradient(per_input):
+    torch.manual_seed(0)
+    kv = torch.randn(2, 5, 6, 4, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([[0, 0, 0, 1, 2, 2], [2, 2, 2, 2, 0, 1]]) if per_input else \
+        torch.tensor([0, 0, 0, 1, 2, 2])
+    grad = torch.randn(2, 5, 12, 4, dtype=torch.float64)
+    outs, grads = {}, {}
+    for method in ("gather", "onehot"):
+        outs[method] = expand_kv(kv, index, method)
+        (grads[method],) = torch.autograd.grad(outs[method], kv, grad)
+    assert torch.equal(outs["onehot"], outs["gather"])  # one non-zero term per output
+    torch.testing.assert_close(grads["onehot"], grads["gather"], rtol=1e-12, atol=1e-12)
+
+
+def test_auto_expands_by_matmul_when_determinism_is_requested():
+    kv = torch.randn(1, 3, 4, 2, requires_grad=True)
+    index = torch.tensor([0, 0, 0, 1])
+    assert any("Gather" in name for name in _grad_fn_names(expand_kv(kv, index)))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        names = _grad_fn_names(expand_kv(kv, index))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert not any("Gather" in name for name in names), names

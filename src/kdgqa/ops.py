@@ -44,15 +44,27 @@ def expand_kv(kv: Tensor, kv_index: Tensor, method: str = "auto") -> Tensor:
     (one map per input). ``method="auto"`` is ``gather``: on the H200 it was the fastest with
     ``triton`` (our fused kernel) at ViT shapes, and ``torch.compile`` fuses it natively
     (``benchmarks/kv_expand.py``); ``index_select`` and ``advanced_index`` were slower.
+
+    A gather's backward adds the gradients of a KV head's query heads with atomic adds on
+    CUDA, in an order that varies between runs. ``onehot`` expands by a matmul with the
+    one-hot map instead (exact: one term per output is non-zero), whose backward is a
+    reduction cuBLAS runs in a fixed order; ``auto`` picks it when the user asked for
+    reproducibility with ``torch.use_deterministic_algorithms(True)``.
     """
     batch, tokens, double_kv, dim = kv.shape
     heads = kv_index.shape[-1]
     if method == "auto":
-        method = "gather"
+        method = "onehot" if torch.are_deterministic_algorithms_enabled() else "gather"
     if method == "triton":
         rows = kv_index if kv_index.dim() == 2 else kv_index[None]
         return expand_heads_triton(kv, torch.cat((rows, rows + double_kv // 2), dim=1))
     pairs = kv.unflatten(2, (2, double_kv // 2))
+    if method == "onehot":
+        rows = kv_index if kv_index.dim() == 2 else kv_index[None]
+        onehot = F.one_hot(rows, double_kv // 2).to(kv.dtype)  # (B or 1, H, G)
+        if rows.shape[0] == 1:
+            return torch.einsum("hg,bntgd->bnthd", onehot[0], pairs).flatten(2, 3)
+        return torch.einsum("bhg,bntgd->bnthd", onehot, pairs).flatten(2, 3)
     if method == "gather":
         rows = kv_index if kv_index.dim() == 2 else kv_index[None]
         index = rows[:, None, None, :, None].expand(batch, tokens, 2, heads, dim)
@@ -65,7 +77,7 @@ def expand_kv(kv: Tensor, kv_index: Tensor, method: str = "auto") -> Tensor:
         return pairs[:, :, :, kv_index].flatten(2, 3)
     raise ValueError(
         f"unknown expand method {method!r}; valid: auto, triton, index_select, advanced_index, "
-        "gather"
+        "gather, onehot"
     )
 
 
