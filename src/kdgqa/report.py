@@ -215,12 +215,12 @@ def _plots(out: Path, summary: Sequence[SummaryRow], allocation: list[dict[str, 
     # Accuracy against KV heads. A study has more schemes than the default colour cycle:
     # 20 colours and a marker per scheme keep every line distinct.
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    colours, markers = plt.get_cmap("tab20").colors, "osD^vP<>Xh"
+    colour_map, markers = plt.get_cmap("tab20"), "osD^vP<>Xh"
     for i, scheme in enumerate(schemes):
         line = sorted((r for r in summary if r.scheme == scheme), key=lambda r: r.kv_heads)
         ax.errorbar([r.kv_heads for r in line], [100 * r.acc_mean for r in line],
                     yerr=[100 * r.acc_std for r in line], marker=markers[i % len(markers)],
-                    color=colours[i % len(colours)], capsize=3, label=scheme)
+                    color=colour_map(i % 20), capsize=3, label=scheme)
     for r in mha:
         ax.errorbar([r.kv_heads], [100 * r.acc_mean], yerr=[100 * r.acc_std], marker="*",
                     color="k", ms=10, ls="none", label="mha")
