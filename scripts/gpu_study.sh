@@ -261,7 +261,8 @@ PY
       TIME_LIMIT=$(left 20) bash "$0" bench
     fi
     ;;
-  collect)  # here, after a call: collect ARCHIVE (grid-files.tgz or ablation-files.tgz) -> results/study/raw + report
+  collect)  # here, after a call: collect ARCHIVE (grid-files.tgz or ablation-files.tgz)
+            # -> results/study/raw, then the merged report
     archive=${2:?collect: path of the grid-files.tgz or ablation-files.tgz that came back}
     tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; tar xzf "$archive" -C "$tmp"
     for src in "$tmp"/runs/study/uptrain/shard* "$tmp"/runs/study/mqa \
@@ -288,5 +289,6 @@ PY
     python -m kdgqa.cli report results/study/raw/uptrain/shard*/ results/study/raw/mqa \
       $(ls -d results/study/raw/ablation/shard*/ 2>/dev/null) -o results/study
     ;;
-  *) echo "unknown stage $stage (pretrain, tune, grid, control, bench)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (pretrain, tune, grid, control, bench, ablation, auto, collect)" >&2
+     exit 2 ;;
 esac

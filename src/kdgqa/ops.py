@@ -60,11 +60,9 @@ def expand_kv(kv: Tensor, kv_index: Tensor, method: str = "auto") -> Tensor:
         return expand_heads_triton(kv, torch.cat((rows, rows + double_kv // 2), dim=1))
     pairs = kv.unflatten(2, (2, double_kv // 2))
     if method == "onehot":
-        rows = kv_index if kv_index.dim() == 2 else kv_index[None]
-        onehot = F.one_hot(rows, double_kv // 2).to(kv.dtype)  # (B or 1, H, G)
-        if rows.shape[0] == 1:
-            return torch.einsum("hg,bntgd->bnthd", onehot[0], pairs).flatten(2, 3)
-        return torch.einsum("bhg,bntgd->bnthd", onehot, pairs).flatten(2, 3)
+        onehot = F.one_hot(kv_index, double_kv // 2).to(kv.dtype)  # ([B,] H, G)
+        spec = "hg" if kv_index.dim() == 1 else "bhg"
+        return torch.einsum(f"{spec},bntgd->bnthd", onehot, pairs).flatten(2, 3)
     if method == "gather":
         rows = kv_index if kv_index.dim() == 2 else kv_index[None]
         index = rows[:, None, None, :, None].expand(batch, tokens, 2, heads, dim)
