@@ -85,3 +85,25 @@ def test_auto_expands_by_matmul_when_determinism_is_requested():
     finally:
         torch.use_deterministic_algorithms(was)
     assert not any("Gather" in name for name in names), names
+
+
+def test_a_key_driven_module_trains_alike_in_deterministic_mode():
+    from kdgqa import GroupedQueryAttention
+
+    def step():
+        torch.manual_seed(0)
+        module = GroupedQueryAttention(48, 6, 2, "kdgqa")
+        x = torch.randn(3, 7, 48, requires_grad=True)
+        out = module(x)
+        out.square().mean().backward()
+        return [out, x.grad, *(p.grad for p in module.parameters())]
+
+    default = step()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic = step()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for got, want in zip(deterministic, default, strict=True):
+        torch.testing.assert_close(got, want)
