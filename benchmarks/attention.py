@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kdgqa
-from kdgqa.allocation import even_counts
-from kdgqa.perturb import PERTURB_METHODS
+from kdgqa.core.apportion import even_counts
+from kdgqa.core.perturb import PERTURB_METHODS
 
 SHAPES: dict[str, dict[str, int]] = {
     "vit_b": {"batch": 256, "tokens": 197, "heads": 12, "kv_heads": 6, "head_dim": 64},

@@ -5,7 +5,7 @@ workspace setting are process-wide): the same forward + backward twice from the 
 whether every gradient matches bit for bit (and the largest difference when not), and the
 step time. ``default`` is torch as it comes; ``deterministic`` is
 ``torch.use_deterministic_algorithms(True)`` with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, under
-which ``kdgqa.ops.expand_kv`` expands K/V by a one-hot matmul instead of a gather. Prints JSON.
+which ``kdgqa.core.ops.expand_kv`` expands K/V by a one-hot matmul instead of a gather. Prints JSON.
 
     python benchmarks/determinism.py --schemes gqa kdgqa dgqa-ema kdgqa-ps --out FILE
 """

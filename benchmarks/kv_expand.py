@@ -2,7 +2,7 @@
 
 K/V arrive token-major ``(B, N, 2G, D)`` as the fused projection makes them. Compares SDPA's
 native ``enable_gqa`` (uniform groups only) with K/V expanded to one head per query head by
-each method of ``kdgqa.ops.expand_kv``, on a uniform and an uneven map. Prints JSON.
+each method of ``kdgqa.core.ops.expand_kv``, on a uniform and an uneven map. Prints JSON.
 
     python benchmarks/kv_expand.py --out benchmarks/results/kv_expand_h200.json
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from attention import SHAPES, emit, time_ms
-from kdgqa.allocation import counts_to_kv_index
-from kdgqa.ops import grouped_attention
+from kdgqa.core.apportion import counts_to_kv_index
+from kdgqa.core.ops import grouped_attention
 
 VARIANTS = ("native_enable_gqa", "triton", "index_select", "advanced_index", "gather", "onehot")
 

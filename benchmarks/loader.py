@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from kdgqa.config import DataConfig
-from kdgqa.data import Augment, Batches, load_splits
-from kdgqa.distributed import resolve_device
+from kdgqa.study.config import DataConfig
+from kdgqa.study.data import Augment, Batches, load_splits
+from kdgqa.study.distributed import resolve_device
 
 
 def _rate(batches: Batches, steps: int, device: torch.device) -> float:

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdgqa.allocation import even_counts
-from kdgqa.convert import pool_heads
+from kdgqa.conversion.pooling import pool_heads
+from kdgqa.core.apportion import even_counts
 
 __all__ = ["KINDS", "OfficialStyleAttention", "TrainingClock", "replace_attention"]
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from kdgqa.allocation import apportion, even_counts, key_norms
-from kdgqa.calibration_data import dataset_config, training_images
-from kdgqa.convert import convert
-from kdgqa.data import load_splits
-from kdgqa.sources import load_model
+from kdgqa.conversion.converter import convert
+from kdgqa.core.apportion import apportion, even_counts, key_norms
+from kdgqa.io.sources import load_model
+from kdgqa.study.calibration_images import dataset_config, training_images
+from kdgqa.study.data import load_splits
 
 
 def layer_keys(model: torch.nn.Module, images: torch.Tensor, batch: int) -> list[list[Any]]:

@@ -16,12 +16,12 @@ import copy
 
 import torch
 
-from kdgqa.calibration_data import dataset_config, training_images
-from kdgqa.config import DataConfig
-from kdgqa.convert import convert
-from kdgqa.data import Batches, load_splits
-from kdgqa.fidelity import compare, model_outputs
-from kdgqa.sources import load_model
+from kdgqa.conversion.converter import convert
+from kdgqa.io.sources import load_model
+from kdgqa.study.calibration_images import dataset_config, training_images
+from kdgqa.study.config import DataConfig
+from kdgqa.study.data import Batches, load_splits
+from kdgqa.study.fidelity import compare, model_outputs
 
 
 def main() -> None:

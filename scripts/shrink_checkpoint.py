@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from kdgqa.checkpoint import load, save_pretrained
+from kdgqa.io.checkpoint import load, save_pretrained
 
 
 def main(argv: list[str] | None = None) -> int:

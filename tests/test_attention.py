@@ -6,46 +6,12 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from kdgqa import GroupedQueryAttention, available_schemes
+from reference import naive_attention
 
 DIM, HEADS = 48, 6
 KEY_DRIVEN = ("kdgqa", "dgqa-ema", "dgqa-diff")
-
-
-def naive_attention(
-    module: GroupedQueryAttention, x: Tensor, kv_index: Tensor, noise_seed: int | None,
-    causal: bool = False,
-) -> Tensor:
-    """softmax(q_h k_g^T / sqrt(d)) v_g for every query head h and g = kv_index[h]."""
-    batch, tokens, _ = x.shape
-    heads, kv_heads, dim = module.num_heads, module.num_kv_heads, module.head_dim
-    qkv = F.linear(x, module.qkv.weight, module.qkv.bias).view(batch, tokens, -1, dim)
-    q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
-    outs = []
-    for h in range(heads):
-        g = int(kv_index[h])
-        scores = q[:, :, h] @ k[:, :, g].transpose(1, 2) / dim**0.5
-        if causal:
-            mask = torch.ones(tokens, tokens, dtype=torch.bool).tril()
-            scores = scores.masked_fill(~mask, float("-inf"))
-        outs.append(scores.softmax(-1) @ v[:, :, g])
-    out = torch.stack(outs, 1)  # (B, H, N, D)
-    if noise_seed is not None:
-        torch.manual_seed(noise_seed)
-        flat = out.reshape(batch, heads, -1)
-        noise = torch.rand(heads, tokens * dim)
-        group = heads // kv_heads
-        for h in range(heads):  # zero the diagonal of each group's noise matrix
-            if h % group < tokens * dim:
-                noise[h, h % group] = 0
-        noise = (noise - noise.mean(-1, keepdim=True)) / noise.std(-1, keepdim=True)
-        flat = flat - (noise * flat.std(-1, keepdim=True) + flat.mean(-1, keepdim=True))
-        out = flat.view(batch, heads, tokens, dim)
-    out = out.transpose(1, 2).reshape(batch, tokens, heads * dim)
-    return F.linear(out, module.proj.weight, module.proj.bias)
 
 
 def make(scheme: str, kv_heads: int, **options: object) -> GroupedQueryAttention:

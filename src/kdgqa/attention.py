@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdgqa.ops import grouped_attention
+from kdgqa.core.ops import grouped_attention
+from kdgqa.errors import SchemeError
 from kdgqa.schemes import QueryAllocator, build_allocator
 
 __all__ = ["GroupedQueryAttention", "start_epoch"]
@@ -15,7 +16,7 @@ __all__ = ["GroupedQueryAttention", "start_epoch"]
 
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise SchemeError(f"{name} must be a positive integer, got {value!r}")
 
 
 class GroupedQueryAttention(nn.Module):
@@ -54,13 +55,13 @@ class GroupedQueryAttention(nn.Module):
         if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or not (
             1 <= num_kv_heads <= num_heads
         ):
-            raise ValueError(
+            raise SchemeError(
                 f"num_kv_heads must be an integer in [1, num_heads={num_heads}], "
                 f"got {num_kv_heads!r}"
             )
         if head_dim is None:
             if dim % num_heads:
-                raise ValueError(
+                raise SchemeError(
                     f"dim={dim} is not divisible by num_heads={num_heads}; pass head_dim "
                     "explicitly or choose num_heads among the divisors of dim"
                 )
@@ -68,7 +69,7 @@ class GroupedQueryAttention(nn.Module):
         _check_positive_int("head_dim", head_dim)
         for name, rate in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
             if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
+                raise SchemeError(f"{name} must be in [0, 1), got {rate!r}")
 
         self.dim = dim
         self.num_heads = num_heads
@@ -83,7 +84,7 @@ class GroupedQueryAttention(nn.Module):
         self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.last_kv_index: Tensor | None = None
-        #: How uneven maps expand K/V (see ``kdgqa.ops.expand_kv``; ``"split"`` runs static
+        #: How uneven maps expand K/V (see ``kdgqa.core.ops.expand_kv``; ``"split"`` runs static
         #: uneven groups as one native-GQA call per group size); kept for benchmarking.
         self.expand_method = "auto"
 

@@ -1,1 +1,0 @@
-"""Subcommands of the ``kdgqa`` CLI, one module each (see :mod:`kdgqa.cli`)."""

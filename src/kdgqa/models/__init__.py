@@ -1,0 +1,48 @@
+"""Model families: everything that differs between timm and Hugging Face models.
+
+``base`` defines the :class:`ModelFamily` interface, ``registry`` knows the families,
+``locate`` finds attention layers whatever the family; ``timm_vit`` and ``hf_vit`` are the
+built-in families, registered when this package is imported.
+"""
+
+from kdgqa.models.base import Features, InputGeometry, MHAWeights, ModelFamily
+from kdgqa.models.hf_vit import HFViT
+from kdgqa.models.locate import (
+    AttentionLayer,
+    attention_heads,
+    find_attention,
+    grouped_layers,
+    kv_cache_bytes_per_token,
+    read_attention_layer,
+    set_submodule,
+)
+from kdgqa.models.registry import (
+    families,
+    family_for_library,
+    family_of,
+    family_of_attention,
+    register_model_family,
+)
+from kdgqa.models.timm_vit import TimmViT
+
+register_model_family(TimmViT())
+register_model_family(HFViT())
+
+__all__ = [
+    "AttentionLayer",
+    "Features",
+    "InputGeometry",
+    "MHAWeights",
+    "ModelFamily",
+    "attention_heads",
+    "families",
+    "family_for_library",
+    "family_of",
+    "family_of_attention",
+    "find_attention",
+    "grouped_layers",
+    "kv_cache_bytes_per_token",
+    "read_attention_layer",
+    "register_model_family",
+    "set_submodule",
+]

@@ -1,0 +1,334 @@
+"""timm's ``VisionTransformer`` family: ViT, DeiT (distilled too), register tokens.
+
+Attention is timm's ``Attention`` (fused ``qkv`` Linear, optional qkv/proj bias, any head
+dim), found in ``timm.layers`` (1.0.2x+) or ``timm.models.vision_transformer`` (early
+1.0.x); variants with qk-norm, scale-norm, a gate or a different output width are refused.
+A model is recorded by its timm name (``timm.create_model``) or its class and constructor
+arguments, read back from its modules and checked by rebuilding the structure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdgqa.attention import GroupedQueryAttention
+from kdgqa.errors import ConversionError, ExportError, SourceError
+from kdgqa.models.base import Features, InputGeometry, MHAWeights, ModelFamily
+
+__all__ = ["TIMM_VIT_CLASSES", "TimmViT", "create_timm_vit", "jsonable", "timm_spec"]
+
+TIMM_VIT_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
+# Registered timm names whose own defaults equal the class defaults, so that
+# ``create_model(name, **full_kwargs)`` builds exactly ``cls(**full_kwargs)``.
+_STAND_INS = {
+    "VisionTransformer": "vit_base_patch16_224",
+    "VisionTransformerDistilled": "deit_base_distilled_patch16_224",
+}
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data (tuples become lists); ``SourceError`` if it cannot be."""
+    if isinstance(value, tuple | list):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise SourceError(f"model argument {value!r} is not JSON-serialisable")
+
+
+def timm_spec(name: str | None, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record of a timm model built by name (or, without one, as a plain
+    ``VisionTransformer``) with constructor arguments ``kwargs``."""
+    return {"library": "timm", "name": name, "class": None if name else "VisionTransformer",
+            "kwargs": jsonable(dict(kwargs or {}))}
+
+
+def _attention_classes() -> tuple[type, ...]:
+    classes: list[type] = []
+    try:
+        import timm.layers as timm_layers
+
+        cls = getattr(timm_layers, "Attention", None)
+        if isinstance(cls, type):
+            classes.append(cls)
+    except ImportError:
+        pass
+    try:
+        import timm.models.vision_transformer as timm_vit
+
+        cls = getattr(timm_vit, "Attention", None)
+        if isinstance(cls, type) and cls not in classes:
+            classes.append(cls)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
+def _model_class(name: str) -> type[nn.Module]:
+    from timm.models import deit, vision_transformer
+
+    classes = {
+        "VisionTransformer": vision_transformer.VisionTransformer,
+        "VisionTransformerDistilled": deit.VisionTransformerDistilled,
+    }
+    if name not in classes:
+        raise SourceError(f"unknown timm class {name!r}; expected one of {', '.join(classes)}")
+    return classes[name]
+
+
+def _identity(module: Any) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def _dropout_p(module: Any) -> float:
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+def _constructor_arguments(model: Any) -> dict[str, Any]:
+    """Constructor arguments of a timm ViT read back from its modules."""
+    pe = model.patch_embed
+    block = model.blocks[0]
+    embed_dim = int(model.embed_dim)
+    attn = block.attn
+    ls = getattr(block, "ls1", None)
+    kwargs: dict[str, Any] = {
+        "img_size": list(pe.img_size) if pe.img_size is not None else None,
+        "patch_size": list(pe.patch_size),
+        "in_chans": int(pe.proj.in_channels),
+        "num_classes": int(model.num_classes),
+        "global_pool": model.global_pool,
+        "embed_dim": embed_dim,
+        "depth": len(model.blocks),
+        "num_heads": int(attn.num_heads),
+        "mlp_ratio": block.mlp.fc1.out_features / embed_dim,
+        "qkv_bias": attn.qkv.bias is not None,
+        "proj_bias": attn.proj.bias is not None,
+        "class_token": model.cls_token is not None,
+        "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
+        "no_embed_class": bool(getattr(model, "no_embed_class", False)),
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "fc_norm": not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity),
+        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+    }
+    if ls is not None and not isinstance(ls, nn.Identity):
+        kwargs["init_values"] = 1e-5
+    if getattr(model, "pos_embed", None) is None:
+        kwargs["pos_embed"] = "none"
+    return kwargs
+
+
+class TimmViT(ModelFamily):
+    """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` with ``Attention``."""
+
+    name = "timm ViT"
+    library = "timm"
+    supported = "timm Attention (fused qkv, no qk-norm, scale-norm or gate)"
+
+    def owns(self, model: nn.Module) -> bool:
+        return type(model).__name__ in TIMM_VIT_CLASSES and hasattr(model, "blocks")
+
+    def is_attention(self, module: nn.Module) -> bool:
+        return type(module) in _attention_classes()
+
+    def read_attention(self, module: nn.Module, label: str) -> MHAWeights:
+        attn: Any = module
+        allowed = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop", "gate"}
+        extra = sorted({name for name, _ in attn.named_children()} - allowed)
+        if extra:
+            raise ConversionError(f"cannot convert module {label!r}: unknown submodule "
+                                  f"{extra[0]!r} in timm Attention")
+        if not (_identity(getattr(attn, "q_norm", None))
+                and _identity(getattr(attn, "k_norm", None))):
+            raise ConversionError(f"cannot convert module {label!r}: qk-norm is not supported")
+        if not _identity(getattr(attn, "norm", None)):
+            raise ConversionError(f"cannot convert module {label!r}: scale-norm is not "
+                                  "supported")
+        if getattr(attn, "gate", None) is not None:
+            raise ConversionError(f"cannot convert module {label!r}: gated attention is not "
+                                  "supported")
+        qkv, proj = attn.qkv, attn.proj
+        if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear):
+            raise ConversionError(f"cannot convert module {label!r}: qkv and proj must be "
+                                  "nn.Linear")
+        heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+        width = heads * head_dim
+        if qkv.out_features != 3 * width or proj.in_features != width:
+            raise ConversionError(
+                f"cannot convert module {label!r}: qkv has {qkv.out_features} outputs, "
+                f"expected 3 x {heads} heads x {head_dim}"
+            )
+        if proj.out_features != qkv.in_features:
+            raise ConversionError(
+                f"cannot convert module {label!r}: output width {proj.out_features} differs "
+                f"from input width {qkv.in_features} (dim_out is not supported)"
+            )
+        qw, kw, vw = qkv.weight.chunk(3, dim=0)
+        qb, kb, vb = qkv.bias.chunk(3, dim=0) if qkv.bias is not None else (None,) * 3
+        return MHAWeights(
+            heads, head_dim, qw, kw, vw, proj.weight, qb, kb, vb, proj.bias,
+            attn_drop=_dropout_p(getattr(attn, "attn_drop", None)),
+            proj_drop=_dropout_p(getattr(attn, "proj_drop", None)),
+        )
+
+    def check_model(self, model: nn.Module, attention_paths: list[str]) -> None:
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.Sequential | nn.ModuleList):
+            return
+        for index, block in enumerate(blocks):
+            prefix = f"blocks.{index}."
+            if not any(p.startswith(prefix) for p in attention_paths):
+                raise ConversionError(
+                    f"cannot convert block 'blocks.{index}' of type "
+                    f"{type(block).__qualname__}: it holds no timm Attention module (its "
+                    "attention is fused into the block)"
+                )
+
+    def grouped_attention(self, module: nn.Module, weights: MHAWeights, num_kv_heads: int,
+                          scheme: str, options: dict[str, Any]) -> GroupedQueryAttention:
+        return GroupedQueryAttention(weights.width, weights.num_heads, num_kv_heads, scheme,
+                                     **options)
+
+    def write_attention(self, module: nn.Module, weights: MHAWeights) -> None:
+        attn: Any = module
+        with torch.no_grad():
+            attn.qkv.weight.copy_(torch.cat([weights.q_weight, weights.k_weight,
+                                             weights.v_weight]))
+            if attn.qkv.bias is not None:
+                assert weights.q_bias is not None and weights.k_bias is not None
+                assert weights.v_bias is not None
+                attn.qkv.bias.copy_(torch.cat([weights.q_bias, weights.k_bias,
+                                               weights.v_bias]))
+            attn.proj.weight.copy_(weights.o_weight)
+            if attn.proj.bias is not None:
+                attn.proj.bias.copy_(weights.o_bias)
+
+    def features(self, model: nn.Module, x: Tensor) -> Features:
+        vit: Any = model
+        hidden = vit.forward_features(x)
+        return Features(vit.forward_head(hidden, pre_logits=True), vit.forward_head(hidden))
+
+    def input_geometry(self, model: nn.Module) -> InputGeometry:
+        vit: Any = model
+        patch_embed = getattr(vit, "patch_embed", None)
+        if patch_embed is None or getattr(patch_embed, "img_size", None) is None:
+            raise SourceError(f"cannot tell the input size of this {type(model).__name__} "
+                              "(its patch_embed has no img_size)")
+        size = patch_embed.img_size
+        size = int(size[0] if isinstance(size, list | tuple) else size)
+        cfg = getattr(vit, "pretrained_cfg", None) or {}
+        return InputGeometry(int(patch_embed.proj.in_channels), size,
+                             list(cfg.get("mean") or [0.5]), list(cfg.get("std") or [0.5]))
+
+    def base_spec(self, model: nn.Module) -> dict[str, Any] | None:
+        cls_name = type(model).__name__
+        if cls_name not in TIMM_VIT_CLASSES:
+            return None
+        return {"library": "timm", "name": None, "class": cls_name,
+                "kwargs": _constructor_arguments(model)}
+
+    def build_base(self, spec: dict[str, Any]) -> nn.Module:
+        import timm
+
+        kwargs = spec.get("kwargs") or {}
+        name = spec.get("name")
+        if not isinstance(kwargs, dict) or not (name is None or isinstance(name, str)):
+            raise SourceError(f"malformed timm model description: name {name!r} must be a "
+                              f"string and kwargs {kwargs!r} a mapping")
+        try:
+            if name:
+                return timm.create_model(name, pretrained=False, **kwargs)
+            return _model_class(spec.get("class") or "VisionTransformer")(**kwargs)
+        except SourceError:
+            raise
+        except Exception as error:  # any constructor failure on bad arguments
+            if name and not timm.is_model(name):
+                raise SourceError(f"unknown timm model {name!r}: {error}") from None
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise SourceError(f"cannot build timm model {name or spec.get('class')!r} "
+                              f"with {kwargs}: {detail or type(error).__name__}") from None
+
+    def save_plain(self, model: nn.Module, spec: dict[str, Any], directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        config = self._export_config(spec, model)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def _export_config(self, spec: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        """A timm ``config.json`` (architecture, model_args) that rebuilds ``model``."""
+        import timm
+
+        name = spec.get("name") or _STAND_INS.get(spec.get("class") or "")
+        kwargs = dict(spec.get("kwargs") or {})
+        if name is None:
+            raise ExportError(f"cannot name a timm architecture for {spec}")
+        with torch.device("meta"):
+            check = timm.create_model(name, pretrained=False, **kwargs)
+        if repr(check) != repr(model):
+            raise ExportError(
+                f"timm.create_model({name!r}, **{kwargs}) does not rebuild this model; "
+                "export needs a model built from a timm name or kdgqa.create_timm_vit"
+            )
+        vit: Any = model
+        size = kwargs.get("img_size") or list(vit.patch_embed.img_size)
+        size = [size, size] if isinstance(size, int) else list(size)
+        return {
+            "architecture": name,
+            "num_classes": int(vit.num_classes),
+            "num_features": int(vit.num_features),
+            "model_args": kwargs,
+            "pretrained_cfg": {
+                "input_size": [int(vit.patch_embed.proj.in_channels), *size],
+                "num_classes": int(vit.num_classes),
+            },
+        }
+
+    # ---------------------------------------------------------------- timm's own sources
+    def load_pretrained(self, name: str) -> nn.Module:
+        """``timm.create_model(name, pretrained=True)`` (downloads when online)."""
+        import timm
+
+        if not timm.is_model(name):
+            raise SourceError(f"unknown timm model {name!r}; see timm.list_models()")
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as error:  # download or hub failures of any kind
+            raise SourceError(f"cannot load pretrained timm model {name!r}: {error}") from None
+        setattr(model, "kdgqa_base", timm_spec(name))  # noqa: B010 (nn.Module attribute typing)
+        return model.eval()
+
+    def spec_from_config(self, path: Path, config: dict[str, Any]) -> dict[str, Any]:
+        """The record of the model a timm ``config.json`` (architecture, model_args) names."""
+        if "architecture" not in config:
+            raise SourceError(f"{str(path)!r} is not a timm config (no 'architecture')")
+        if not isinstance(config["architecture"], str) or not isinstance(
+            config.get("model_args") or {}, dict
+        ):
+            raise SourceError(f"{str(path)!r} is malformed: 'architecture' must be a string "
+                              "and 'model_args' a mapping")
+        kwargs = dict(config.get("model_args") or {})
+        if "num_classes" in config:
+            kwargs.setdefault("num_classes", config["num_classes"])
+        return {"library": "timm", "name": config["architecture"], "class": None,
+                "kwargs": kwargs}
+
+
+def create_timm_vit(name: str | None = None, **vit_kwargs: Any) -> nn.Module:
+    """Build a randomly initialised timm ViT that remembers how it was built.
+
+    With ``name`` the model comes from ``timm.create_model(name, pretrained=False, **kwargs)``;
+    without, from ``timm.models.vision_transformer.VisionTransformer(**kwargs)``. Either way
+    :func:`kdgqa.save_pretrained` can rebuild it offline. Keyword values must be
+    JSON-serialisable (numbers, strings, booleans, lists).
+    """
+    spec = timm_spec(name, vit_kwargs)
+    model = TimmViT().build_base(spec)
+    setattr(model, "kdgqa_base", spec)  # noqa: B010 (nn.Module attribute typing)
+    return model.eval()

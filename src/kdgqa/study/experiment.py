@@ -1,0 +1,376 @@
+"""A whole study: pretrain MHA once, then convert -> uptrain -> evaluate every grid cell.
+
+Everything is checked before the output directory is created (config, dataset layout, KV
+heads against the model), so a bad study leaves nothing behind. Results are appended to
+``results.jsonl`` one run at a time, so an interrupted study resumes where it stopped
+(``resume=True``): finished runs are skipped, the run in progress continues from its last
+checkpoint. The report (:mod:`kdgqa.study.report`) is rebuilt from those files at the end.
+
+Run layout::
+
+    OUT/config.yaml  meta.json  results.jsonl  allocation.jsonl  history.jsonl
+    OUT/pretrain/    (training checkpoints, model/ as kdgqa.save_pretrained)
+    OUT/runs/<scheme>-g<G>-s<seed>/   (checkpoint.pt, best.pt)
+    OUT/report.md  summary.csv  runs.csv  *.png
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from kdgqa.conversion.converter import convert
+from kdgqa.errors import ConfigError, ConversionError
+from kdgqa.io.checkpoint import load, save_pretrained
+from kdgqa.io.durable import append_jsonl, atomic_write, read_jsonl, replace_dir
+from kdgqa.io.sources import load_model
+from kdgqa.models.locate import attention_heads, kv_cache_bytes_per_token
+from kdgqa.models.timm_vit import create_timm_vit
+from kdgqa.study.calibration_images import calibration_arguments
+from kdgqa.study.config import (
+    DataConfig,
+    ExperimentConfig,
+    check_cells,
+    config_to_dict,
+    resolve_scheme,
+)
+from kdgqa.study.data import Augment, Batches, DataSplits, check_dataset, load_splits
+from kdgqa.study.distributed import DistContext, broadcast_object, resolve_device
+from kdgqa.study.report import write_report
+from kdgqa.study.resume import check_resumable
+from kdgqa.study.train import TrainResult, evaluate, train
+from kdgqa.version import __version__
+
+__all__ = [
+    "RunSpec",
+    "environment",
+    "grid_runs",
+    "kv_cache_bytes_per_token",
+    "model_heads",
+    "preflight",
+    "run_experiment",
+]
+
+RESULTS = "results.jsonl"
+ALLOCATION = "allocation.jsonl"
+HISTORY = "history.jsonl"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One grid cell: a scheme (or a named variant of one) at a KV-head count with a seed."""
+
+    scheme: str
+    kv_heads: int
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.scheme}-g{self.kv_heads}-s{self.seed}"
+
+
+def grid_runs(config: ExperimentConfig, num_heads: int,
+              shard: tuple[int, int] | None = None) -> list[RunSpec]:
+    """Runs in execution order: MHA references first (when asked), then seeds innermost.
+
+    ``shard=(i, n)`` keeps every n-th run starting at i, so n processes (one per GPU) split
+    a grid between them without talking to each other; ``kdgqa report`` merges their outputs.
+    """
+    g = config.grid
+    runs = [RunSpec("mha", num_heads, s) for s in g.seeds] if g.include_mha else []
+    runs += [RunSpec(scheme, kv, seed) for kv in g.kv_heads for scheme in g.schemes
+             for seed in g.seeds]
+    if shard is not None:
+        index, count = shard
+        runs = runs[index::count]
+    return runs
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and the git commit of the code that ran, for every result row."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("kdgqa", "timm", "torchvision", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    if versions["kdgqa"] == "absent":  # run from a source tree (PYTHONPATH=src), not installed
+        versions["kdgqa"] = f"{__version__} (source tree)"
+    commit = "unknown"
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        if out.returncode == 0:
+            commit = out.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
+                                   capture_output=True, text=True, timeout=5, check=False)
+            if dirty.stdout.strip():
+                commit += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"versions": versions, "commit": commit}
+
+
+def model_heads(model: nn.Module) -> int:
+    """The query heads of ``model``'s attention layers, or a ``ConfigError``."""
+    try:
+        return attention_heads(model)
+    except ConversionError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _build_base(config: ExperimentConfig, channels: int, num_classes: int) -> nn.Module:
+    """The MHA starting point: a fresh timm ViT, or the configured pretrained source."""
+    m = config.model
+    if m.pretrained:
+        # Checkpoints may be stored in bf16 to travel light; training needs fp32 masters.
+        model = load_model(m.pretrained).float()
+        reset = getattr(model, "reset_classifier", None)
+        if reset is not None and getattr(model, "num_classes", num_classes) != num_classes:
+            reset(num_classes)
+        return model
+    return create_timm_vit(
+        img_size=config.data.image_size, patch_size=m.patch_size, in_chans=channels,
+        num_classes=num_classes, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate,
+    )
+
+
+def _architecture_only(source: str, load: Callable[[str], nn.Module]) -> nn.Module:
+    """The model of ``source`` without its weights where that is possible (timm names), so
+    checks and ``--dry-run`` work offline; local sources are read as they are."""
+    if source.startswith("timm:"):
+        import timm
+
+        try:
+            with torch.device("meta"):
+                model: nn.Module = timm.create_model(source[len("timm:"):], pretrained=False)
+            return model
+        except RuntimeError as exc:
+            raise ConfigError(f"unknown timm model {source!r}: {exc}") from None
+    return load(source)
+
+
+def preflight(config: ExperimentConfig, resume: bool = False) -> None:
+    """Everything that can fail cheaply, before any output exists.
+
+    Raises ``ConfigError`` (``DatasetError`` is one) with a single-line message.
+    """
+    check_dataset(config.data)
+    if config.pretrain_data is not None:
+        check_dataset(config.pretrain_data)
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {str(out)!r} exists and is not a directory")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"output_dir {str(out)!r} is not empty; pass --resume to continue "
+                          "that study or choose another output_dir")
+    if resume and out.is_dir():
+        check_resumable(config, out, RESULTS)
+    if config.model.pretrained:
+        heads = model_heads(_architecture_only(config.model.pretrained, load_model))
+        check_cells(config, heads, f" does not fit the pretrained model ({heads} heads)")
+
+
+def grid_progress(config: ExperimentConfig,
+                  shard: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
+    """Run ids of this grid (or shard) already in ``output_dir``'s results, and those still
+    to run, in execution order; what ``--resume`` would skip and what it would do."""
+    if config.model.pretrained:
+        heads = model_heads(_architecture_only(config.model.pretrained, load_model))
+    else:
+        heads = config.model.num_heads
+    planned = [run.run_id for run in grid_runs(config, heads, shard)]
+    done = _done_runs(Path(config.output_dir) / RESULTS)
+    return [r for r in planned if r in done], [r for r in planned if r not in done]
+
+
+def _done_runs(path: Path) -> set[str]:
+    return {str(row.get("run_id")) for row in read_jsonl(path)}
+
+
+def _append(path: Path, rows: list[dict[str, Any]]) -> None:
+    # One write + fsync; rows a crash left from an unfinished commit of the run are replaced.
+    append_jsonl(path, rows)
+
+
+def _batches(d: DataConfig, splits: DataSplits, batch_size: int, seed: int,
+             ctx: DistContext) -> tuple[Batches, Batches, Batches]:
+    common: dict[str, Any] = {"image_size": d.image_size, "mean": d.mean, "std": d.std,
+              "rank": ctx.rank, "world_size": ctx.world_size}
+    eval_batch = max(batch_size, 256 // ctx.world_size * ctx.world_size)
+    train_b = Batches(splits.train, batch_size, augment=Augment.from_config(d), seed=seed,
+                      **common)
+    val_b = Batches(splits.val, eval_batch, shuffle=False, drop_last=False, **common)
+    test_b = Batches(splits.test, eval_batch, shuffle=False, drop_last=False, **common)
+    return train_b, val_b, test_b
+
+
+def _log_fn(ctx: DistContext, log: Callable[[str], None] | None) -> Callable[[str], None]:
+    def emit(message: str) -> None:
+        if ctx.is_main and log is not None:
+            log(message)
+
+    return emit
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    resume: bool = False,
+    ctx: DistContext | None = None,
+    log: Callable[[str], None] | None = print,
+    pretrain_only: bool = False,
+    shard: tuple[int, int] | None = None,
+) -> Path:
+    """Run the study described by ``config``; return the output directory.
+
+    Under ``torchrun`` every rank calls this with the same config; rank 0 writes the files.
+    ``pretrain_only`` stops after the MHA model is saved (``OUT/pretrain/model``), e.g. to
+    pretrain with DDP on all GPUs and then split the grid with ``shard`` (see
+    :func:`grid_runs`); a shard needs a ready model (``model.pretrained``).
+    """
+    if pretrain_only and config.pretrain is None:
+        raise ConfigError("pretrain_only needs a pretrain recipe, but pretrain is null")
+    if shard is not None:
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise ConfigError(f"shard {index}/{count} is out of range; expected I/N with "
+                              "0 <= I < N")
+        if config.pretrain is not None:
+            raise ConfigError("a shard runs part of the grid and needs a ready MHA model: "
+                              "run with pretrain_only first, then set model.pretrained to "
+                              "OUT/pretrain/model and pretrain to null")
+    ctx = ctx or DistContext(device=resolve_device(config.device))
+    emit = _log_fn(ctx, log)
+    preflight(config, resume=resume)
+    out = Path(config.output_dir)
+    started = time.perf_counter()
+    splits = load_splits(config.data, seed=config.seed).to(ctx.device)
+    emit(f"data: {splits.name}, {len(splits.train)} train / {len(splits.val)} val / "
+         f"{len(splits.test)} test images, {splits.num_classes} classes "
+         f"({time.perf_counter() - started:.1f} s)")
+    ctx.barrier()
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.yaml",
+                     [yaml.safe_dump(config_to_dict(config), sort_keys=False).encode()])
+        env = environment()
+        meta = {**env, "device": str(ctx.device), "world_size": ctx.world_size,
+                "name": config.name}
+        atomic_write(out / "meta.json", [json.dumps(meta, indent=2).encode()])
+    env = broadcast_object(environment() if ctx.is_main else None, ctx)
+    ctx.barrier()
+
+    # 1. The MHA starting point.
+    pre_cfg, pre_splits = config.data, splits
+    if config.pretrain_data is not None:
+        pre_cfg = config.pretrain_data
+        pre_splits = load_splits(pre_cfg, seed=config.seed).to(ctx.device)
+        emit(f"pretrain data: {pre_splits.name}, {len(pre_splits.train)} train images, "
+             f"{pre_splits.num_classes} classes")
+    torch.manual_seed(config.seed)
+    base = _build_base(config, pre_splits.channels, pre_splits.num_classes).to(ctx.device)
+    pre_dir = out / "pretrain"
+    if config.pretrain is not None:
+        model_dir = pre_dir / "model"
+        if resume and (model_dir / "kdgqa_config.json").is_file():
+            base = load(model_dir).to(ctx.device)
+            emit(f"pretrain: reusing {model_dir}")
+        else:
+            tb, vb, teb = _batches(pre_cfg, pre_splits, config.pretrain.batch_size,
+                                   config.seed, ctx)
+            res = train(base, tb, vb, config.pretrain, run_dir=pre_dir, resume=resume,
+                        progress=config.progress, desc="pretrain MHA", ctx=ctx)
+            test = evaluate(base, teb, amp=config.pretrain.amp, ctx=ctx)
+            emit(f"pretrain: best val acc {res.best_val_acc:.4f}, test acc {test['acc']:.4f}, "
+                 f"{res.images_per_s:.0f} img/s, {res.train_seconds:.1f} s")
+            if ctx.is_main:
+                _append(out / HISTORY, [{"run_id": "pretrain", **h} for h in res.history])
+                replace_dir(model_dir, lambda d: save_pretrained(base, d))
+                (pre_dir / "checkpoint.pt").unlink(missing_ok=True)
+            ctx.barrier()
+        if pretrain_only:
+            emit(f"pretrained model: {model_dir}")
+            return out
+    if pre_splits is not splits:
+        torch.manual_seed(config.seed)
+        base.reset_classifier(splits.num_classes)  # type: ignore[operator]
+        base.to(ctx.device)
+    heads = model_heads(base)
+
+    # 2. The grid.
+    done = _done_runs(out / RESULTS)
+    runs = grid_runs(config, heads, shard)
+    for index, spec in enumerate(runs):
+        if spec.run_id in done:
+            continue
+        run_dir = out / "runs" / spec.run_id
+        torch.manual_seed(spec.seed)
+        model = copy.deepcopy(base)
+        scheme, options = resolve_scheme(config.grid, spec.scheme)
+        if scheme != "mha":
+            # Calibrated schemes measure the first training images (no augmentation).
+            extra = calibration_arguments(scheme, options, splits.train, config.data)
+            convert(model, scheme, spec.kv_heads, pooling=config.grid.pooling, **options,
+                    **extra)
+        model.to(ctx.device)
+        tb, vb, teb = _batches(config.data, splits, config.uptrain.batch_size, spec.seed, ctx)
+        converted = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
+        res = train(model, tb, vb, config.uptrain, run_dir=run_dir,
+                    resume=resume, progress=config.progress,
+                    desc=f"[{index + 1}/{len(runs)}] {spec.run_id}", ctx=ctx)
+        test = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
+        row = _result_row(spec, heads, model, res, converted, test, env, ctx)
+        row.update(base_scheme=scheme, scheme_options=options)
+        emit(f"[{index + 1}/{len(runs)}] {spec.run_id}: test acc {test['acc']:.4f} "
+             f"(after conversion {converted['acc']:.4f}), {res.images_per_s:.0f} img/s")
+        if ctx.is_main:
+            _append(out / ALLOCATION, [{"run_id": spec.run_id, "scheme": spec.scheme,
+                                        "kv_heads": spec.kv_heads, "seed": spec.seed, **a}
+                                       for a in res.allocation])
+            _append(out / HISTORY, [{"run_id": spec.run_id, **h} for h in res.history])
+            _append(out / RESULTS, [row])
+            # The optimizer state is only needed to resume; best.pt keeps the weights.
+            (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+        ctx.barrier()
+
+    if ctx.is_main:
+        table = write_report(out)
+        emit(table)
+        emit(f"study finished in {time.perf_counter() - started:.1f} s; report: "
+             f"{out / 'report.md'}")
+    ctx.barrier()
+    return out
+
+
+def _result_row(spec: RunSpec, heads: int, model: nn.Module, res: TrainResult,
+                converted: dict[str, float], test: dict[str, float], env: dict[str, Any],
+                ctx: DistContext) -> dict[str, Any]:
+    return {
+        "run_id": spec.run_id, "scheme": spec.scheme, "kv_heads": spec.kv_heads,
+        "num_heads": heads, "seed": spec.seed,
+        "test_acc": test["acc"], "test_loss": test["loss"], "test_images": int(test["n"]),
+        "converted_test_acc": converted["acc"],
+        "best_val_acc": res.best_val_acc, "best_val_loss": res.best_val_loss,
+        "best_step": res.best_step, "steps": res.steps,
+        "params": sum(p.numel() for p in model.parameters()),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
+        "train_img_per_s": res.images_per_s, "train_seconds": res.train_seconds,
+        "world_size": ctx.world_size, "device": str(ctx.device),
+        "commit": env["commit"], **{f"version_{k}": v for k, v in env["versions"].items()},
+    }

@@ -1,0 +1,129 @@
+"""A whole (tiny) study on real digits: files, resume, and the checks done before any output."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdgqa.conversion.converter import convert
+from kdgqa.models.timm_vit import create_timm_vit
+from kdgqa.study.config import ConfigError, parse_config
+from kdgqa.study.experiment import (
+    grid_progress,
+    grid_runs,
+    kv_cache_bytes_per_token,
+    run_experiment,
+)
+
+
+def _config(out: Path):  # type: ignore[no-untyped-def]
+    return parse_config(_raw(out))
+
+
+def _raw(out: Path) -> dict:  # type: ignore[type-arg]
+    return {
+        "output_dir": str(out), "device": "cpu", "progress": False,
+        "model": {"embed_dim": 24, "depth": 1, "num_heads": 6},
+        "pretrain": {"epochs": 2, "batch_size": 64, "lr": 3e-3},
+        "uptrain": {"epochs": 1, "batch_size": 64, "lr": 1e-3, "allocation_every": 5},
+        "grid": {"schemes": ["gqa", "dgqa-diff"], "kv_heads": [2, 3], "seeds": [0, 1],
+                 "scheme_options": {"dgqa-diff": {"window_size": 4}}},
+    }
+
+
+def test_study_writes_results_report_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    config = _config(out)
+    run_experiment(config, log=None)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["run_id"] for r in rows] == [s.run_id for s in grid_runs(config, 6)]
+    assert len(rows) == 2 + 2 * 2 * 2
+    by_id = {r["run_id"]: r for r in rows}
+    assert by_id["mha-g6-s0"]["kv_cache_bytes_per_token"] == 2 * 6 * 4 * 2
+    assert by_id["gqa-g2-s0"]["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 2
+    assert by_id["gqa-g2-s0"]["params"] < by_id["mha-g6-s0"]["params"]
+    assert all(0.0 <= r["test_acc"] <= 1.0 and r["test_images"] == 359 for r in rows)
+    assert rows[0]["commit"] and rows[0]["version_torch"] == torch.__version__
+    table = (out / "report.md").read_text()
+    assert "| dgqa-diff | 3/6 | 2 |" in table and "| mha | 6/6 | 2 |" in table
+    with open(out / "runs.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+    assert (out / "allocation_dgqa-diff-g2-s0.png").is_file()
+    allocation = [json.loads(x) for x in (out / "allocation.jsonl").read_text().splitlines()]
+    assert {a["scheme"] for a in allocation} == {"dgqa-diff"}
+    assert all(sum(a["counts"]) == 6 for a in allocation)
+    assert (out / "pretrain" / "model" / "kdgqa_config.json").is_file()
+
+    # An interrupted study: drop the last result; resuming recomputes exactly that run.
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    run_experiment(config, resume=True, log=None)
+    again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["run_id"] for r in again] == [r["run_id"] for r in rows]
+    assert again[-1]["test_acc"] == rows[-1]["test_acc"]
+    assert again[-1]["best_val_loss"] == pytest.approx(rows[-1]["best_val_loss"], abs=1e-6)
+
+    with pytest.raises(ConfigError, match="not empty; pass --resume"):
+        run_experiment(config, log=None)
+
+
+def test_missing_dataset_fails_before_creating_output(tmp_path: Path) -> None:
+    config = parse_config({"output_dir": str(tmp_path / "out"),
+                           "data": {"name": "imagefolder", "root": str(tmp_path / "none")}})
+    with pytest.raises(ConfigError, match="ROOT/train/<class>"):
+        run_experiment(config, log=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_kv_cache_bytes_follow_kv_heads() -> None:
+    model = create_timm_vit(img_size=8, patch_size=2, in_chans=1, num_classes=10,
+                            embed_dim=24, depth=3, num_heads=6)
+    assert kv_cache_bytes_per_token(model) == 3 * 2 * 6 * 4 * 2
+    convert(model, "kdgqa", 4)
+    assert kv_cache_bytes_per_token(model, torch.float32) == 3 * 2 * 4 * 4 * 4
+
+
+def test_shards_of_a_grid_merge_to_the_unsharded_study(tmp_path: Path) -> None:
+    from kdgqa.study.report import load_jsonl, merge_studies
+
+    pre = _config(tmp_path / "pre")
+    run_experiment(pre, pretrain_only=True, log=None)
+    model_dir = tmp_path / "pre" / "pretrain" / "model"
+    assert (model_dir / "kdgqa_config.json").is_file()
+    assert not (tmp_path / "pre" / "results.jsonl").exists()
+
+    def up(out: Path):  # type: ignore[no-untyped-def]
+        return parse_config({
+            **{k: v for k, v in _raw(out).items() if k != "pretrain"},
+            "pretrain": None, "model": {"pretrained": str(model_dir)},
+            "grid": {"schemes": ["gqa", "kdgqa-ref"], "kv_heads": [3], "seeds": [0],
+                     "variants": {"kdgqa-ref": {"scheme": "kdgqa", "reference": True}}},
+        })
+
+    whole = run_experiment(up(tmp_path / "whole"), log=None)
+    with pytest.raises(ConfigError, match="needs a ready MHA model"):
+        run_experiment(_config(tmp_path / "x"), shard=(0, 2), log=None)
+    with pytest.raises(ConfigError, match="out of range"):
+        run_experiment(up(tmp_path / "x"), shard=(2, 2), log=None)
+    shards = [run_experiment(up(tmp_path / f"s{i}"), shard=(i, 2), log=None) for i in (0, 1)]
+    merge_studies(shards, tmp_path / "merged")
+    expected = {r["run_id"]: r for r in load_jsonl(whole / "results.jsonl")}
+    merged = {r["run_id"]: r for r in load_jsonl(tmp_path / "merged" / "results.jsonl")}
+    assert set(merged) == set(expected) == {"mha-g6-s0", "gqa-g3-s0", "kdgqa-ref-g3-s0"}
+    for run_id, row in expected.items():
+        assert merged[run_id]["test_acc"] == row["test_acc"], run_id
+    assert merged["kdgqa-ref-g3-s0"]["base_scheme"] == "kdgqa"
+    assert merged["kdgqa-ref-g3-s0"]["scheme_options"] == {"reference": True}
+    assert "| kdgqa-ref | 3/6 | 1 |" in (tmp_path / "merged" / "report.md").read_text()
+
+    # What --resume would skip and run: shard 0 finished; shard 1 lost its last row.
+    assert grid_progress(up(tmp_path / "s0"), (0, 2)) == (["mha-g6-s0", "kdgqa-ref-g3-s0"], [])
+    results = tmp_path / "s1" / "results.jsonl"
+    results.write_text("")
+    assert grid_progress(up(tmp_path / "s1"), (1, 2)) == ([], ["gqa-g3-s0"])
+    assert grid_progress(up(tmp_path / "s1")) == ([], ["mha-g6-s0", "gqa-g3-s0",
+                                                       "kdgqa-ref-g3-s0"])

@@ -1,0 +1,65 @@
+"""Report statistics (paired by seed) and the files a study's report consists of."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kdgqa.study.report import markdown_table, paired_interval, summarize, write_report
+
+
+def test_paired_interval_matches_student_t() -> None:
+    ci = paired_interval([0.3, 0.5, 0.7], [0.2, 0.3, 0.4])  # diffs 0.1, 0.2, 0.3
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)
+    assert ci.n == 3
+    assert ci.mean == pytest.approx(0.2)
+    assert ci.low == pytest.approx(0.2 - half) and ci.high == pytest.approx(0.2 + half)
+
+
+def test_single_pair_has_no_interval() -> None:
+    ci = paired_interval([0.5], [0.4])
+    assert ci.mean == pytest.approx(0.1) and math.isinf(ci.low) and math.isinf(ci.high)
+
+
+def _row(scheme: str, kv: int, seed: int, acc: float) -> dict:
+    return {"run_id": f"{scheme}-g{kv}-s{seed}", "scheme": scheme, "kv_heads": kv,
+            "num_heads": 4, "seed": seed, "test_acc": acc, "converted_test_acc": acc / 2,
+            "params": 100, "kv_cache_bytes_per_token": 64 * kv, "train_img_per_s": 10.0}
+
+
+def test_summary_pairs_by_seed_not_by_order() -> None:
+    rows = [_row("gqa", 2, 0, 0.50), _row("gqa", 2, 1, 0.70), _row("gqa", 2, 2, 0.60),
+            # kdgqa in another order, and seed 2 missing: pairs are (0, 1) only.
+            _row("kdgqa", 2, 1, 0.75), _row("kdgqa", 2, 0, 0.52), _row("mha", 4, 0, 0.9)]
+    summary = {(r.scheme, r.kv_heads): r for r in summarize(rows)}
+    assert summarize(rows)[0].scheme == "mha"
+    kd = summary[("kdgqa", 2)]
+    assert kd.delta_vs_gqa is not None and kd.delta_vs_gqa.n == 2
+    assert kd.delta_vs_gqa.mean == pytest.approx(0.035)
+    assert summary[("gqa", 2)].delta_vs_gqa is None
+    assert summary[("gqa", 2)].acc_std == pytest.approx(0.1)
+    table = markdown_table(list(summary.values()))
+    assert "| kdgqa | 2/4 | 2 | 63.50 ± 16.26 | +3.50 [" in table
+
+
+def test_write_report_creates_table_csv_and_plots(tmp_path: Path) -> None:
+    rows = [_row(s, kv, seed, 0.5 + 0.01 * seed + 0.02 * kv) for s in ("gqa", "kdgqa")
+            for kv in (1, 2) for seed in (0, 1)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    alloc = [{"run_id": "kdgqa-g2-s0", "scheme": "kdgqa", "kv_heads": 2, "seed": 0,
+              "step": step, "layer": layer, "counts": [1 + step % 2, 3 - step % 2]}
+             for step in range(4) for layer in range(2)]
+    (tmp_path / "allocation.jsonl").write_text("".join(json.dumps(a) + "\n" for a in alloc))
+    table = write_report(tmp_path)
+    assert (tmp_path / "report.md").read_text().count("| kdgqa |") == 2
+    assert table in (tmp_path / "report.md").read_text()
+    with open(tmp_path / "summary.csv") as handle:
+        summary = list(csv.DictReader(handle))
+    assert len(summary) == 4 and "delta_vs_gqa_low" in summary[0]
+    for name in ("accuracy_per_scheme.png", "accuracy_vs_kv_heads.png",
+                 "allocation_kdgqa-g2-s0.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
