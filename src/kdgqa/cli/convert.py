@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from kdgqa.conversion.options import POOLING_METHODS
+from kdgqa.errors import KdgqaError
 from kdgqa.study.config import DATASETS
 
 NAME = "convert"
@@ -81,19 +82,19 @@ def run(args: argparse.Namespace) -> int:
     parse_size(args.max_shard_size)
     options = dict(args.option)
     if "calibration" in options:
-        raise ValueError("pass calibration images with --calibration SPEC, not --option")
+        raise KdgqaError("pass calibration images with --calibration SPEC, not --option")
     needs = cls.needs_calibration
     if needs and args.calibration is None:
-        raise ValueError(f"scheme {args.scheme!r} needs --calibration SPEC (images that "
+        raise KdgqaError(f"scheme {args.scheme!r} needs --calibration SPEC (images that "
                          "choose its groups)")
     if not needs and args.calibration is not None:
-        raise ValueError(f"--calibration is only used by schemes "
+        raise KdgqaError(f"--calibration is only used by schemes "
                          f"{', '.join(n for n, c in SCHEMES.items() if c.needs_calibration)}")
     if args.calibration is not None:
         check_calibration(args.calibration)
     if args.calibration_images is not None:
         if args.calibration_images < 1:
-            raise ValueError(f"--calibration-images must be >= 1, got {args.calibration_images}")
+            raise KdgqaError(f"--calibration-images must be >= 1, got {args.calibration_images}")
         options["calibration_images"] = args.calibration_images
     model = load_model(args.model, arch=args.arch, model_kwargs=dict(args.model_arg) or None)
     params_before = parameter_count(model)
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if needs:
         family = family_of(model)
         if family is None:
-            raise ValueError(f"cannot tell the inputs of a {type(model).__name__} for "
+            raise KdgqaError(f"cannot tell the inputs of a {type(model).__name__} for "
                              "--calibration")
         geometry = family.input_geometry(model)
         mean = args.calibration_mean or geometry.mean

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kdgqa.errors import KdgqaError
+
 NAME = "experiment"
 HELP = "run a study: MHA pretraining, then scheme x KV heads x seeds, then a report"
 
@@ -80,4 +82,4 @@ def parse_shard(text: str) -> tuple[int, int]:
         i, n = int(index), int(count)
         if 0 <= i < n:
             return i, n
-    raise ValueError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    raise KdgqaError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")

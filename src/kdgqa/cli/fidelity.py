@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kdgqa.errors import KdgqaError
+
 NAME = "fidelity"
 HELP = ("measure how close each scheme of a study's grid starts to its MHA model on the "
         "model's own task, before uptraining")
@@ -50,14 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from kdgqa.study.fidelity import grid_fidelity
 
     if args.images < 1 or args.batch_size < 1:
-        raise ValueError(f"--images and --batch-size must be >= 1, got {args.images} and "
+        raise KdgqaError(f"--images and --batch-size must be >= 1, got {args.images} and "
                          f"{args.batch_size}")
     if args.output is not None and Path(args.output).is_dir():
-        raise ValueError(f"--output {args.output!r} is a directory; expected a file path")
+        raise KdgqaError(f"--output {args.output!r} is a directory; expected a file path")
     config = load_config(args.config, args.overrides)
     validate(config)
     if not config.model.pretrained:
-        raise ValueError(f"{args.config}: fidelity needs model.pretrained (the MHA model the "
+        raise KdgqaError(f"{args.config}: fidelity needs model.pretrained (the MHA model the "
                          "grid converts)")
     started = time.perf_counter()
     rows, images, device = grid_fidelity(config, args.data, images=args.images,

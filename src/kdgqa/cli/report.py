@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from kdgqa.errors import KdgqaError
+
 NAME = "report"
 HELP = "write a study's table and plots again, or merge several study directories into one"
 
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output_dir is None:
         if len(args.studies) > 1:
-            raise ValueError("several study directories need --output-dir for the merge")
+            raise KdgqaError("several study directories need --output-dir for the merge")
         print(write_report(args.studies[0]))
         return 0
     print(merge_studies(args.studies, args.output_dir))

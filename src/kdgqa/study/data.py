@@ -48,10 +48,10 @@ class ImageTensors:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
+            raise DatasetError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
                              f"{tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
-            raise ValueError("labels must be (N,) matching the images")
+            raise DatasetError("labels must be (N,) matching the images")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -460,9 +460,9 @@ class Batches:
         world_size: int = 1,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
         if batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the world size "
+            raise DatasetError(f"batch_size={batch_size} must be divisible by the world size "
                              f"{world_size} so every rank gets an equal share")
         self.data = data
         self.batch_size = batch_size

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kdgqa.errors import KdgqaError
 from kdgqa.io.durable import read_jsonl
 
 __all__ = [
@@ -70,7 +71,7 @@ def paired_interval(values: Sequence[float], reference: Sequence[float]) -> Pair
     spread, and the table shows that rather than a misleadingly tight number.
     """
     if len(values) != len(reference) or not values:
-        raise ValueError("paired_interval needs two equally long, non-empty sequences")
+        raise KdgqaError("paired_interval needs two equally long, non-empty sequences")
     diffs = [a - b for a, b in zip(values, reference, strict=True)]
     n = len(diffs)
     mean = sum(diffs) / n
@@ -270,7 +271,7 @@ def write_report(out_dir: str | Path) -> str:
     out = Path(out_dir)
     rows = load_jsonl(out / "results.jsonl")
     if not rows:
-        raise ValueError(f"no results in {out / 'results.jsonl'}")
+        raise KdgqaError(f"no results in {out / 'results.jsonl'}")
     summary = summarize(rows)
     table = markdown_table(summary)
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
@@ -303,13 +304,13 @@ def merge_studies(sources: Sequence[str | Path], out_dir: str | Path) -> str:
     dirs = [Path(s) for s in sources]
     for d in dirs:
         if not (d / "results.jsonl").is_file():
-            raise ValueError(f"{str(d)!r} is not a study directory (no results.jsonl)")
+            raise KdgqaError(f"{str(d)!r} is not a study directory (no results.jsonl)")
     results: dict[str, dict[str, Any]] = {}
     for d in dirs:
         for row in load_jsonl(d / "results.jsonl"):
             old = results.get(row["run_id"])
             if old is not None and old["test_acc"] != row["test_acc"]:
-                raise ValueError(f"run {row['run_id']!r} appears with different results in "
+                raise KdgqaError(f"run {row['run_id']!r} appears with different results in "
                                  f"two sources; merge only shards of one study")
             results.setdefault(row["run_id"], row)
     extra: dict[str, list[dict[str, Any]]] = {"allocation.jsonl": [], "history.jsonl": []}

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdgqa.attention import GroupedQueryAttention, start_epoch
-from kdgqa.errors import CorruptFileError
+from kdgqa.errors import CorruptFileError, DatasetError
 from kdgqa.io.durable import load_checkpoint, remove_stale_temps, save_checkpoint
 from kdgqa.study.config import TrainConfig, config_to_dict
 from kdgqa.study.data import Batches
@@ -270,7 +270,7 @@ def train(
     run_dir = Path(run_dir)
     steps_per_epoch = len(train_batches)
     if steps_per_epoch == 0:
-        raise ValueError("the training split is empty")
+        raise DatasetError("the training split is empty")
     total_steps = steps_per_epoch * recipe.epochs
     base = model
     optimizer = build_optimizer(base, recipe)
