@@ -16,6 +16,7 @@ __all__ = [
     "DatasetError",
     "ExportError",
     "KdgqaError",
+    "OutputError",
     "SchemeError",
     "SourceError",
 ]
@@ -47,6 +48,16 @@ class CheckpointError(SourceError):
 
 class CorruptFileError(KdgqaError):
     """A file is truncated, corrupted or not what it should be; the message says what to do."""
+
+
+class OutputError(KdgqaError):
+    """A file or directory the user asked for cannot be written; the message names that path
+    (never a temporary sibling) and the reason, e.g. no space left or no permission."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"cannot write {str(path)!r}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 class ConfigError(KdgqaError):

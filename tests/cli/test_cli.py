@@ -41,8 +41,8 @@ def test_convert_prints_summary_and_writes_checkpoint(
                             "--kv-heads", "3", "--out", str(out_dir))
     assert status == 0 and err == ""
     # 2 layers x 2 x (6 - 3) heads x 8 rows x (48 + 1) parameters removed
-    assert "parameters: 67,013 -> 62,309 (-4,704)" in out
-    assert "KV-cache bytes per token (float32, all layers): 768 -> 384" in out
+    assert ("the file holds the grouped model: 67,013 -> 62,309 (-4,704) parameters; "
+            "KV-cache bytes per token (float32, all layers) 768 -> 384") in out
     assert "blocks.1.attn: query heads per KV head [2, 2, 2]" in out
     assert load(out_dir).blocks[0].attn.num_kv_heads == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temp left
@@ -54,9 +54,12 @@ def test_key_driven_scheme_and_mha_export(
     status, out, _ = _run(capsys, "convert", "--model", str(checkpoint), "--scheme", "kdgqa",
                           "--kv-heads", "4", "--out", str(tmp_path / "k"))
     assert status == 0 and "blocks.0.attn: dynamic" in out
-    status, _, _ = _run(capsys, "convert", "--model", str(checkpoint), "--scheme", "mqa",
-                        "--kv-heads", "1", "--out", str(tmp_path / "m"), "--format", "mha")
+    status, out, _ = _run(capsys, "convert", "--model", str(checkpoint), "--scheme", "mqa",
+                          "--kv-heads", "1", "--out", str(tmp_path / "m"), "--format", "mha")
     assert status == 0 and (tmp_path / "m" / "config.json").is_file()
+    # The export holds full MHA weights: the source's size, not the grouped model's.
+    assert "the file holds a plain MHA model: 67,013 parameters, KV cache 768 bytes" in out
+    assert "as a kdgqa model it would be 67,013 -> 59,173 (-7,840)" in out  # 2 x 2 x 5 x 8 x 49
     status, _, _ = _run(capsys, "convert", "--model", str(checkpoint), "--scheme", "dgqa-ema",
                         "--kv-heads", "2", "--option", "window_size=10",
                         "--out", str(tmp_path / "d"))

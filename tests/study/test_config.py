@@ -24,9 +24,22 @@ from kdgqa.study.config import (
 def test_default_config_is_valid_and_plan_lists_the_grid() -> None:
     config = load_config(None)
     assert config.data.name == "digits" and config.pretrain is not None
-    plan = describe_plan(config, train_images=1294)
+    from kdgqa.study.data import plan_splits
+
+    plan = describe_plan(config, plan_splits(config.data))
     assert "5 schemes x 2 KV-head counts x 3 seeds = 30 runs" in plan
-    assert "21 steps" in plan  # ceil(1294 / 64)
+    assert "train 1,294 (scikit-learn's digits), val 144" in plan
+    assert "20 steps" in plan  # 1294 // 64: the last partial batch is dropped in training
+    assert "dgqa-ema options: {'window_size': 10}" in plan
+
+
+def test_plan_lists_only_the_options_and_variants_the_grid_uses() -> None:
+    config = load_config(None, ["grid.schemes=[gqa, kdgqa-ref]",
+                                "grid.variants={kdgqa-ref: {scheme: kdgqa, reference: true}, "
+                                "unused: {scheme: pgqa}}"])
+    plan = describe_plan(config)
+    assert "variant kdgqa-ref" in plan and "unused" not in plan
+    assert "dgqa-ema options" not in plan and "steps" in plan
 
 
 def test_yaml_round_trip(tmp_path: Path) -> None:
@@ -173,3 +186,11 @@ def test_cli_set_reaches_the_plan(tmp_path: Path) -> None:
     bad = _cli("experiment", "--dry-run", "--set", "uptrain.epochs=-1", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "kdgqa: error: uptrain.epochs must be >= 1, got -1")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_an_empty_config_file_is_an_error_naming_the_file(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty\.yaml: the config file is empty"):
+        load_config(path)

@@ -15,7 +15,9 @@ from kdgqa.study.data import (
     DatasetError,
     ImageTensors,
     check_dataset,
+    describe_splits,
     load_splits,
+    plan_splits,
 )
 
 
@@ -71,6 +73,54 @@ def test_imagefolder_resizes_mixed_sizes_and_reads_test_folder(tmp_path: Path) -
                                     val_fraction=0.25))
     assert splits.classes == ["cat", "dog"]
     assert splits.train.images.shape[1:] == (3, 8, 8) and len(splits.test) == 4
+
+
+def _tree(root: Path, layout: dict[str, int]) -> None:
+    for split, count in layout.items():
+        for cls in ("cat", "dog"):
+            for i in range(count):
+                _save(root / split / cls / f"{i}.png", 10 * i)
+
+
+@pytest.mark.parametrize(("layout", "test_from"), [
+    ({"train": 9, "test": 2}, "/test"),
+    ({"train": 9, "val": 3}, "/val"),
+    ({"train": 9, "test": 2, "val": 3}, "/test; ROOT/val unused"),
+    ({"train": 9}, "20% of the images, held out with seed 7922 from"),
+    ({"": 7}, "20% of the images"),
+])
+@pytest.mark.parametrize("limit", [0, 11])
+def test_split_plan_counts_what_loading_gives_and_names_each_source(tmp_path: Path, layout,
+                                                                    test_from, limit) -> None:
+    _tree(tmp_path, layout)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=6, limit_train=limit)
+    plan = plan_splits(cfg, seed=3)
+    splits = load_splits(cfg, seed=3)
+    assert (plan.train, plan.val, plan.test) == (len(splits.train), len(splits.val),
+                                                  len(splits.test))
+    text = describe_splits(splits)
+    assert f"test {len(splits.test)} (" in text and test_from in text
+    assert "val " in text and "10% of the training images, held out with seed 3" in text
+
+
+def test_split_plan_of_digits_and_tiny_imagenet_matches_loading(tmp_path: Path) -> None:
+    for seed, fraction in ((0, 0.1), (5, 0.3)):
+        cfg = DataConfig(val_fraction=fraction, limit_train=500 if seed else 0)
+        plan, splits = plan_splits(cfg, seed), load_splits(cfg, seed)
+        assert (plan.train, plan.val, plan.test) == (len(splits.train), len(splits.val),
+                                                      len(splits.test))
+    root = tmp_path / "tiny"
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("n01\nn02\n")
+    for w in ("n01", "n02"):
+        for i in range(4):
+            _save(root / "train" / w / "images" / f"{w}_{i}.JPEG", 9)
+    _save(root / "val" / "images" / "v0.JPEG", 9)
+    (root / "val" / "val_annotations.txt").write_text("v0.JPEG\tn02\t0\t0\t6\t6\n")
+    cfg = DataConfig(name="tiny-imagenet", root=str(root), image_size=6, val_fraction=0.25)
+    plan, splits = plan_splits(cfg), load_splits(cfg)
+    assert (plan.train, plan.val, plan.test) == (6, 2, 1) == (
+        len(splits.train), len(splits.val), len(splits.test))
 
 
 @pytest.mark.parametrize(("name", "needle"), [

@@ -126,13 +126,22 @@ def run(args: argparse.Namespace) -> int:
         write_new_dir(args.out, lambda d: save_pretrained(model, d, args.max_shard_size),
                       overwrite=args.overwrite)
     params_after = parameter_count(model)
+    dtype_name = str(dtype).removeprefix("torch.")
+    grouped = (f"{params_before:,} -> {params_after:,} ({params_after - params_before:+,}) "
+               f"parameters; KV-cache bytes per token ({dtype_name}, all layers) "
+               f"{kv_before:,} -> {kv_after:,}")
+    if args.format == "mha":
+        held = [f"the file holds a plain MHA model: {params_before:,} parameters, KV cache "
+                f"{kv_before:,} bytes per token ({dtype_name}), every query head with its own "
+                "copy of the K/V head it reads; it loads without kdgqa and computes what the "
+                "grouped model computes",
+                f"as a kdgqa model it would be {grouped}"]
+    else:
+        held = [f"the file holds the grouped model: {grouped}"]
     lines = [
         f"converted {args.model} -> {args.out} ({args.format}): scheme {args.scheme}, "
         f"{args.kv_heads} KV heads, pooling {args.pooling}",
-        f"parameters: {params_before:,} -> {params_after:,} "
-        f"({params_after - params_before:+,})",
-        f"KV-cache bytes per token ({str(dtype).removeprefix('torch.')}, all layers): "
-        f"{kv_before:,} -> {kv_after:,}",
+        *held,
         *calibration_lines,
         "allocation per layer:",
         *allocation_lines(model),

@@ -49,8 +49,12 @@ def run(args: argparse.Namespace) -> int:
         config.progress = False
     validate(config)
     if args.dry_run:
+        from kdgqa.study.data import plan_splits
+
         preflight(config, resume=args.resume)
-        print(describe_plan(config))
+        pretrain = config.pretrain_data
+        print(describe_plan(config, plan_splits(config.data, config.seed),
+                            plan_splits(pretrain, config.seed) if pretrain else None))
         if shard is not None or args.resume:
             done, left = grid_progress(config, shard)
             part = f"shard {shard[0]}/{shard[1]}" if shard is not None else "grid"

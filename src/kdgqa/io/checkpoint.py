@@ -28,7 +28,7 @@ from torch import nn
 from kdgqa.conversion.converter import convert
 from kdgqa.errors import CheckpointError
 from kdgqa.io.base import base_spec, build_base
-from kdgqa.io.weights import load_weights
+from kdgqa.io.weights import load_weights, write_safetensors
 
 __all__ = [
     "CHECKSUMS_NAME",
@@ -120,8 +120,6 @@ def save_pretrained(
     Raises :class:`~kdgqa.errors.CheckpointError`/``SourceError`` when the base architecture
     cannot be recorded. Existing files of a previous checkpoint in ``directory`` are replaced.
     """
-    from safetensors.torch import save_file
-
     limit = parse_size(max_shard_size)
     spec = base_spec(model)
     conversion = conversion_of(model)
@@ -138,13 +136,13 @@ def save_pretrained(
     shards = _shards(tensors, limit)
     written: list[str] = []
     if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_safetensors(shards[0], directory / WEIGHTS_NAME)
         written.append(WEIGHTS_NAME)
     else:
         weight_map: dict[str, str] = {}
         for number, shard in enumerate(shards, start=1):
             name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / name), metadata={"format": "pt"})
+            write_safetensors(shard, directory / name)
             written.append(name)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -21,15 +21,15 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdgqa.errors import CorruptFileError, KdgqaError
+from kdgqa.errors import CorruptFileError, KdgqaError, OutputError
 
 __all__ = [
     "CorruptFileError",
@@ -64,18 +64,39 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None:
-    """Replace ``path`` with ``chunks`` atomically (temp file, fsync, rename, fsync folder)."""
-    path = Path(path)
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _make_parent(path: Path) -> None:
+    """Create ``path``'s folder; :class:`OutputError` naming ``path`` when a file is in the way."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(path, f"{str(parent)!r} is not a directory")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None:
+    """Replace ``path`` with ``chunks`` atomically (temp file, fsync, rename, fsync folder).
+
+    The file gets the umask's permissions; a failure (no space, no permission) raises
+    :class:`~kdgqa.errors.OutputError` naming ``path`` and leaves no temp file behind.
+    """
+    path = Path(path)
     tmp = _temp_name(path)
     try:
+        _make_parent(path)
         with open(tmp, "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(path, _reason(error)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -216,27 +237,48 @@ def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 # --------------------------------------------------------------------------- directories
 
+def _sibling_dir(out: Path) -> Path:
+    """A new empty hidden folder beside ``out``, with the umask's permissions (``mkdtemp``
+    would make it private, and the rename would keep that)."""
+    while True:
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def replace_dir(out: str | Path, write: Callable[[Path], Any]) -> None:
     """Run ``write(tmp)`` on a fresh sibling folder, then rename it to ``out`` (replacing it).
 
     A crash leaves ``out`` as it was or complete; only a hidden ``.NAME.tmp-*`` can remain.
+    ``out`` gets the umask's permissions. A failure to write raises
+    :class:`~kdgqa.errors.OutputError` naming ``out``, not the temporary folder.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp: Path | None = None
     try:
+        _make_parent(out)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = _sibling_dir(out)
         write(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            old = _sibling_dir(out)
             out.rename(old / "previous")
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+    except (OSError, OutputError) as error:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = error.reason if isinstance(error, OutputError) else _reason(error)
+        raise OutputError(out, reason) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(out.parent)
 

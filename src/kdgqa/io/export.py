@@ -20,8 +20,9 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from kdgqa.attention import GroupedQueryAttention
-from kdgqa.errors import ExportError
+from kdgqa.errors import ExportError, OutputError
 from kdgqa.io.base import base_spec, build_base
+from kdgqa.io.weights import safetensors_failure
 from kdgqa.models.base import MHAWeights
 from kdgqa.models.locate import grouped_layers
 from kdgqa.models.registry import family_for_library
@@ -88,5 +89,16 @@ def export_mha(model: nn.Module, directory: str | Path) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    family.save_plain(base, spec, directory)
+    try:
+        family.save_plain(base, spec, directory)
+    except Exception as error:  # safetensors or transformers writers on a full disk
+        if isinstance(error, ExportError) or not _is_write_failure(error):
+            raise
+        raise OutputError(directory, safetensors_failure(error)) from None
     return directory
+
+
+def _is_write_failure(error: Exception) -> bool:
+    from safetensors import SafetensorError
+
+    return isinstance(error, OSError | SafetensorError)

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdgqa.errors import SourceError
+from kdgqa.errors import OutputError, SourceError
 
-__all__ = ["load_weights", "read_state_dict"]
+__all__ = ["load_weights", "read_state_dict", "safetensors_failure", "write_safetensors"]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -93,3 +93,21 @@ def _looks_like_torch_file(path: Path) -> bool:
     with path.open("rb") as handle:
         head = handle.read(4)
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def safetensors_failure(error: Exception) -> str:
+    """The reason in a safetensors write error ("... I/O error: No space left on device")."""
+    text = " ".join(str(error).split())
+    return text.rsplit("I/O error: ", 1)[-1] if "I/O error: " in text else text
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file`` with a failure (a full disk) as
+    :class:`~kdgqa.errors.OutputError` naming ``path``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except (SafetensorError, OSError) as error:
+        raise OutputError(path, safetensors_failure(error)) from None

@@ -18,12 +18,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
 
 from kdgqa.conversion.options import POOLING_METHODS
 from kdgqa.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kdgqa.study.data import SplitPlan
 
 __all__ = [
     "DATASETS",
@@ -109,7 +112,8 @@ class TrainConfig:
     compile: bool = False
     #: bf16 autocast; only takes effect on CUDA.
     amp: bool = True
-    #: Stop when the loss exceeds this multiple of its running average (or is not finite).
+    #: Stop when the loss is not finite or exceeds this multiple of the larger of its running
+    #: mean and the run's starting loss (``kdgqa.study.divergence``).
     explode_factor: float = 20.0
     #: Record the query-head allocation of key-driven schemes every this many steps.
     allocation_every: int = 10
@@ -146,6 +150,9 @@ class ExperimentConfig:
     name: str = "digits-default"
     output_dir: str = "runs/digits-default"
     device: str = "auto"
+    #: Intra-op CPU threads for training on the CPU; 0 chooses (one thread for small models,
+    #: which is fastest and bitwise reproducible; see ``kdgqa.study.threads``).
+    cpu_threads: int = 0
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -368,10 +375,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty; expected a YAML mapping of the "
+                          "settings to change (e.g. configs/digits.yaml), or run without a "
+                          "config for the built-in digits study")
     if overrides:
-        if not isinstance(raw, dict | None):
+        if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a mapping at the top level")
-        raw = apply_overrides(raw or {}, overrides)
+        raw = apply_overrides(raw, overrides)
     return parse_config(raw)
 
 
@@ -438,6 +449,8 @@ def validate(config: ExperimentConfig) -> None:
     for where, seed in (("seed", config.seed), *(("grid.seeds", s) for s in g.seeds)):
         _require(0 <= seed < 2**32, f"{where}: seeds must be in [0, 2**32), got {seed}")
     _require(bool(config.output_dir), "output_dir must not be empty")
+    _require(0 <= config.cpu_threads <= 1024,
+             f"cpu_threads must be in [0, 1024] (0 chooses), got {config.cpu_threads}")
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         value = getattr(m, key)
         _require(value >= 1, f"model.{key} must be >= 1, got {value}")
@@ -522,14 +535,25 @@ def resolve_scheme(grid: GridConfig, label: str) -> tuple[str, dict[str, Any]]:
 def _steps_per_epoch(train_images: int | None, batch: int) -> str:
     if train_images is None:
         return "?"
-    return str(math.ceil(train_images / batch))
+    # Training drops the last partial batch whenever a whole one fits.
+    return str(train_images // batch if train_images >= batch else 1)
 
 
-def describe_plan(config: ExperimentConfig, train_images: int | None = None) -> str:
-    """Human-readable plan of what ``run_experiment`` would do, for ``--dry-run``."""
+def grid_labels_in_use(grid: GridConfig) -> set[str]:
+    """Every scheme name and variant label the grid's cells are built from."""
+    used = set(grid.schemes)
+    used |= {str(grid.variants[label].get("scheme")) for label in grid.schemes
+             if label in grid.variants}
+    return used
+
+
+def describe_plan(config: ExperimentConfig, data_plan: SplitPlan | None = None,
+                  pretrain_plan: SplitPlan | None = None) -> str:
+    """Human-readable plan of what ``run_experiment`` would do, for ``--dry-run``; the split
+    sizes come from :func:`kdgqa.study.data.plan_splits` when given."""
     m, d, g = config.model, config.data, config.grid
-    lines = [f"experiment {config.name!r} -> {config.output_dir} (device: {config.device})"]
-    src = d.root or "bundled/torchvision default"
+    lines = [f"experiment {config.name!r} -> {config.output_dir} (device: {config.device}, "
+             f"cpu threads: {config.cpu_threads or 'automatic'})"]
     aug = [
         name for name, on in (
             (f"randaugment(n={d.randaugment_ops}, m={d.randaugment_magnitude})", d.randaugment),
@@ -537,23 +561,28 @@ def describe_plan(config: ExperimentConfig, train_images: int | None = None) -> 
             ("flip", d.flip),
         ) if on
     ]
-    n = "?" if train_images is None else str(train_images)
-    lines.append(f"data: {d.name} from {src}, {d.image_size}px, train images {n}, "
-                 f"val fraction {d.val_fraction}, augmentation: {', '.join(aug) or 'none'}")
+    splits = data_plan.describe() if data_plan is not None else (
+        f"{d.name} from {d.root or 'its default location'}")
+    lines.append(f"data: {splits}; {d.image_size}px, augmentation: {', '.join(aug) or 'none'}")
     if config.pretrain_data is not None:
         p = config.pretrain_data
-        lines.append(f"pretrain data: {p.name} from {p.root or 'default'}, {p.image_size}px")
+        splits = pretrain_plan.describe() if pretrain_plan is not None else (
+            f"{p.name} from {p.root or 'its default location'}")
+        lines.append(f"pretrain data: {splits}; {p.image_size}px")
     if m.pretrained:
         lines.append(f"model: pretrained {m.pretrained!r}")
     else:
         lines.append(f"model: ViT patch {m.patch_size}, dim {m.embed_dim}, depth {m.depth}, "
                      f"{m.num_heads} heads, mlp ratio {m.mlp_ratio}")
-    for name, r in (("pretrain", config.pretrain), ("uptrain", config.uptrain)):
+    pre = pretrain_plan if config.pretrain_data is not None else data_plan
+    for name, r, plan in (("pretrain", config.pretrain, pre),
+                          ("uptrain", config.uptrain, data_plan)):
         if r is None:
             lines.append(f"{name}: skipped")
             continue
+        images = None if plan is None else plan.train
         lines.append(
-            f"{name}: {r.epochs} epochs x {_steps_per_epoch(train_images, r.batch_size)} steps, "
+            f"{name}: {r.epochs} epochs x {_steps_per_epoch(images, r.batch_size)} steps, "
             f"batch {r.batch_size}, AdamW lr {r.lr:g} wd {r.weight_decay:g}, {r.schedule}"
             f" (warmup {r.warmup_steps}), clip {r.grad_clip:g}"
             f"{', compile' if r.compile else ''}"
@@ -566,8 +595,11 @@ def describe_plan(config: ExperimentConfig, train_images: int | None = None) -> 
         + (f" (+{extra} MHA reference runs)" if extra else "")
     )
     lines.append(f"  schemes: {', '.join(g.schemes)}; kv_heads: {g.kv_heads}; seeds: {g.seeds}")
+    used = grid_labels_in_use(g)
     for scheme, opts in g.scheme_options.items():
-        lines.append(f"  {scheme} options: {opts}")
+        if scheme in used:
+            lines.append(f"  {scheme} options: {opts}")
     for label, spec in g.variants.items():
-        lines.append(f"  variant {label}: {spec}")
+        if label in g.schemes:
+            lines.append(f"  variant {label}: {spec}")
     return "\n".join(lines)

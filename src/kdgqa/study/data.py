@@ -32,8 +32,13 @@ __all__ = [
     "DataSplits",
     "DatasetError",
     "ImageTensors",
+    "SplitOrigins",
+    "SplitPlan",
     "check_dataset",
+    "describe_splits",
     "load_splits",
+    "plan_splits",
+    "split_origins",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -72,6 +77,8 @@ class DataSplits:
     val: ImageTensors
     test: ImageTensors
     classes: list[str]
+    #: Where each split comes from, in words (see :func:`plan_splits`).
+    origins: SplitOrigins | None = None
 
     @property
     def num_classes(self) -> int:
@@ -83,7 +90,36 @@ class DataSplits:
 
     def to(self, device: torch.device | str) -> DataSplits:
         return DataSplits(self.name, self.train.to(device), self.val.to(device),
-                          self.test.to(device), self.classes)
+                          self.test.to(device), self.classes, self.origins)
+
+
+@dataclass(frozen=True)
+class SplitOrigins:
+    """Where a dataset's train, validation and test images come from, in words."""
+
+    train: str
+    val: str
+    test: str
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """The split sizes :func:`load_splits` will produce, counted without decoding images
+    (``None`` where they cannot be known before a download)."""
+
+    name: str
+    train: int | None
+    val: int | None
+    test: int | None
+    origins: SplitOrigins
+
+    def describe(self) -> str:
+        def count(n: int | None) -> str:
+            return "?" if n is None else f"{n:,}"
+
+        o = self.origins
+        return (f"{self.name}: train {count(self.train)} ({o.train}), val {count(self.val)} "
+                f"({o.val}), test {count(self.test)} ({o.test})")
 
 
 # --------------------------------------------------------------------------- sources
@@ -173,8 +209,7 @@ def _load_paths(paths: list[Path], labels: list[int], cfg: DataConfig, size: int
 def _imagefolder(cfg: DataConfig, seed: int) -> tuple[ImageTensors, ImageTensors, list[str]]:
     root = Path(cfg.root or "")
     _check_imagefolder(root)
-    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    train_dir = root / "train" if (root / "train").is_dir() else root
+    train_dir, test_dir = _imagefolder_dirs(root)
     paths, labels, classes = _class_tree(train_dir)
     paths, labels = _limit(paths, labels, cfg.limit_train, seed)
     size = _common_size(paths, cfg.image_size)
@@ -305,7 +340,85 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> DataSplits:
         keep = torch.randperm(len(train), generator=gen)[: cfg.limit_train]
         train = train.subset(keep.sort().values)
     train, val = _split_off(train, cfg.val_fraction, seed)
-    return DataSplits(cfg.name, train, val, test, classes)
+    return DataSplits(cfg.name, train, val, test, classes, split_origins(cfg, seed))
+
+
+def _held(total: int, fraction: float) -> int:
+    """How many of ``total`` images :func:`_split_off` holds out for ``fraction``."""
+    return max(1, round(total * fraction))
+
+
+#: Images in the official splits of the torchvision datasets (train, test).
+_OFFICIAL_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000),
+                   "food101": (75_750, 25_250)}
+
+
+def _imagefolder_dirs(root: Path) -> tuple[Path, Path | None]:
+    """The training folder and the test folder (ROOT/test, else ROOT/val) of an image tree."""
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    return (root / "train" if (root / "train").is_dir() else root), test_dir
+
+
+def split_origins(cfg: DataConfig, seed: int = 0) -> SplitOrigins:
+    """Where each split of ``cfg``'s dataset comes from (no image is read)."""
+    val = f"{cfg.val_fraction:.0%} of the training images, held out with seed {seed}"
+    held_test = f"{cfg.test_fraction:.0%} of the images, held out with seed {seed + 7919}"
+    if cfg.name == "digits":
+        return SplitOrigins("scikit-learn's digits", val, held_test)
+    root = Path(cfg.root or "")
+    if cfg.name == "imagefolder":
+        train_dir, test_dir = _imagefolder_dirs(root)
+        if test_dir is None:
+            return SplitOrigins(str(train_dir), val, f"{held_test} from {train_dir}")
+        unused = "; ROOT/val unused" if test_dir.name == "test" and (root / "val").is_dir() else ""
+        return SplitOrigins(str(train_dir), val, f"{test_dir}{unused}")
+    if cfg.name == "tiny-imagenet":
+        return SplitOrigins(str(root / "train"), val, f"{root / 'val'}, the official validation "
+                            "images")
+    return SplitOrigins(f"the official {cfg.name} training split", val,
+                        f"the official {cfg.name} test split")
+
+
+def plan_splits(cfg: DataConfig, seed: int = 0) -> SplitPlan:
+    """The sizes :func:`load_splits` gives for ``cfg``, counted from files, not decoded."""
+    limit = cfg.limit_train
+    train: int | None
+    test: int | None
+    if cfg.name == "digits":
+        total = 1797  # scikit-learn's digits
+        test = _held(total, cfg.test_fraction)
+        train = total - test
+    elif cfg.name == "imagefolder":
+        train_dir, test_dir = _imagefolder_dirs(Path(cfg.root or ""))
+        train = len(_class_tree(train_dir)[0])
+        train = min(train, limit) if limit else train
+        if test_dir is None:
+            test = _held(train, cfg.test_fraction)
+            train -= test
+        else:
+            test = len(_class_tree(test_dir)[0])
+    elif cfg.name == "tiny-imagenet":
+        root = Path(cfg.root or "")
+        wnids = {w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()}
+        train = sum(len(_images_in(root / "train" / w / "images")) for w in wnids)
+        lines = (root / "val" / "val_annotations.txt").read_text().splitlines()
+        test = sum(1 for line in lines if len(parts := line.split("\t")) >= 2
+                   and parts[1] in wnids)
+    else:
+        train, test = _OFFICIAL_SIZES.get(cfg.name, (None, None))
+    if train is not None and limit:
+        train = min(train, limit)
+    val = None if train is None else _held(train, cfg.val_fraction)
+    if train is not None and val is not None:
+        train -= val
+    return SplitPlan(cfg.name, train, val, test, split_origins(cfg, seed))
+
+
+def describe_splits(splits: DataSplits) -> str:
+    """One line naming each split of ``splits`` with its size and where it comes from."""
+    origins = splits.origins or SplitOrigins("?", "?", "?")
+    plan = SplitPlan(splits.name, len(splits.train), len(splits.val), len(splits.test), origins)
+    return f"{plan.describe()}, {splits.num_classes} classes"
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -16,6 +16,7 @@ Run layout::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import platform
@@ -31,6 +32,7 @@ import yaml
 from torch import nn
 
 from kdgqa.conversion.converter import convert
+from kdgqa.conversion.summary import parameter_count
 from kdgqa.errors import ConfigError, ConversionError
 from kdgqa.io.checkpoint import load, save_pretrained
 from kdgqa.io.durable import append_jsonl, atomic_write, read_jsonl, replace_dir
@@ -45,10 +47,18 @@ from kdgqa.study.config import (
     config_to_dict,
     resolve_scheme,
 )
-from kdgqa.study.data import Augment, Batches, DataSplits, check_dataset, load_splits
+from kdgqa.study.data import (
+    Augment,
+    Batches,
+    DataSplits,
+    check_dataset,
+    describe_splits,
+    load_splits,
+)
 from kdgqa.study.distributed import DistContext, broadcast_object, resolve_device
 from kdgqa.study.report import write_report
 from kdgqa.study.resume import check_resumable
+from kdgqa.study.threads import choose_cpu_threads, cpu_threads
 from kdgqa.study.train import TrainResult, evaluate, train
 from kdgqa.version import __version__
 
@@ -261,59 +271,82 @@ def run_experiment(
     out = Path(config.output_dir)
     started = time.perf_counter()
     splits = load_splits(config.data, seed=config.seed).to(ctx.device)
-    emit(f"data: {splits.name}, {len(splits.train)} train / {len(splits.val)} val / "
-         f"{len(splits.test)} test images, {splits.num_classes} classes "
-         f"({time.perf_counter() - started:.1f} s)")
+    emit(f"data: {describe_splits(splits)} ({time.perf_counter() - started:.1f} s)")
+    pre_cfg, pre_splits = config.data, splits
+    if config.pretrain_data is not None:
+        pre_cfg = config.pretrain_data
+        pre_splits = load_splits(pre_cfg, seed=config.seed).to(ctx.device)
+        emit(f"pretrain data: {describe_splits(pre_splits)}")
+    torch.manual_seed(config.seed)
+    base = _build_base(config, pre_splits.channels, pre_splits.num_classes).to(ctx.device)
+    threads: int | None = None
+    if ctx.device.type == "cpu":
+        threads, why = choose_cpu_threads(config.cpu_threads, parameter_count(base))
+        emit(f"cpu threads: {threads} ({why})")
     ctx.barrier()
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml",
                      [yaml.safe_dump(config_to_dict(config), sort_keys=False).encode()])
-        env = environment()
-        meta = {**env, "device": str(ctx.device), "world_size": ctx.world_size,
-                "name": config.name}
+        meta = {**environment(), "device": str(ctx.device), "world_size": ctx.world_size,
+                "cpu_threads": threads, "name": config.name}
         atomic_write(out / "meta.json", [json.dumps(meta, indent=2).encode()])
     env = broadcast_object(environment() if ctx.is_main else None, ctx)
+    env["cpu_threads"] = threads
     ctx.barrier()
-
-    # 1. The MHA starting point.
-    pre_cfg, pre_splits = config.data, splits
-    if config.pretrain_data is not None:
-        pre_cfg = config.pretrain_data
-        pre_splits = load_splits(pre_cfg, seed=config.seed).to(ctx.device)
-        emit(f"pretrain data: {pre_splits.name}, {len(pre_splits.train)} train images, "
-             f"{pre_splits.num_classes} classes")
-    torch.manual_seed(config.seed)
-    base = _build_base(config, pre_splits.channels, pre_splits.num_classes).to(ctx.device)
-    pre_dir = out / "pretrain"
-    if config.pretrain is not None:
-        model_dir = pre_dir / "model"
-        if resume and (model_dir / "kdgqa_config.json").is_file():
-            base = load(model_dir).to(ctx.device)
-            emit(f"pretrain: reusing {model_dir}")
-        else:
-            tb, vb, teb = _batches(pre_cfg, pre_splits, config.pretrain.batch_size,
-                                   config.seed, ctx)
-            res = train(base, tb, vb, config.pretrain, run_dir=pre_dir, resume=resume,
-                        progress=config.progress, desc="pretrain MHA", ctx=ctx)
-            test = evaluate(base, teb, amp=config.pretrain.amp, ctx=ctx)
-            emit(f"pretrain: best val acc {res.best_val_acc:.4f}, test acc {test['acc']:.4f}, "
-                 f"{res.images_per_s:.0f} img/s, {res.train_seconds:.1f} s")
-            if ctx.is_main:
-                _append(out / HISTORY, [{"run_id": "pretrain", **h} for h in res.history])
-                replace_dir(model_dir, lambda d: save_pretrained(base, d))
-                (pre_dir / "checkpoint.pt").unlink(missing_ok=True)
-            ctx.barrier()
+    with cpu_threads(threads) if threads is not None else contextlib.nullcontext():
+        base = _pretrained_base(config, base, pre_cfg, pre_splits, resume=resume, ctx=ctx,
+                                emit=emit)
         if pretrain_only:
-            emit(f"pretrained model: {model_dir}")
+            emit(f"pretrained model: {out / 'pretrain' / 'model'}")
             return out
-    if pre_splits is not splits:
-        torch.manual_seed(config.seed)
-        base.reset_classifier(splits.num_classes)  # type: ignore[operator]
-        base.to(ctx.device)
-    heads = model_heads(base)
+        if pre_splits is not splits:
+            torch.manual_seed(config.seed)
+            base.reset_classifier(splits.num_classes)  # type: ignore[operator]
+            base.to(ctx.device)
+        _run_grid(config, base, splits, env, resume=resume, ctx=ctx, emit=emit, shard=shard)
+    if ctx.is_main:
+        table = write_report(out)
+        emit(table)
+        emit(f"study finished in {time.perf_counter() - started:.1f} s; report: "
+             f"{out / 'report.md'}")
+    ctx.barrier()
+    return out
 
-    # 2. The grid.
+
+def _pretrained_base(config: ExperimentConfig, base: nn.Module, data: DataConfig,
+                     splits: DataSplits, *, resume: bool, ctx: DistContext,
+                     emit: Callable[[str], None]) -> nn.Module:
+    """The MHA model the grid starts from: ``base`` pretrained by ``config.pretrain`` (or
+    reloaded from a finished pretraining when resuming), or ``base`` as it is."""
+    if config.pretrain is None:
+        return base
+    out = Path(config.output_dir)
+    pre_dir = out / "pretrain"
+    model_dir = pre_dir / "model"
+    if resume and (model_dir / "kdgqa_config.json").is_file():
+        emit(f"pretrain: reusing {model_dir}")
+        return load(model_dir).to(ctx.device)
+    tb, vb, teb = _batches(data, splits, config.pretrain.batch_size, config.seed, ctx)
+    res = train(base, tb, vb, config.pretrain, run_dir=pre_dir, resume=resume,
+                progress=config.progress, desc="pretrain MHA", ctx=ctx)
+    test = evaluate(base, teb, amp=config.pretrain.amp, ctx=ctx)
+    emit(f"pretrain: best val acc {res.best_val_acc:.4f}, test acc {test['acc']:.4f}, "
+         f"{res.images_per_s:.0f} img/s, {res.train_seconds:.1f} s")
+    if ctx.is_main:
+        _append(out / HISTORY, [{"run_id": "pretrain", **h} for h in res.history])
+        replace_dir(model_dir, lambda d: save_pretrained(base, d))
+        (pre_dir / "checkpoint.pt").unlink(missing_ok=True)
+    ctx.barrier()
+    return base
+
+
+def _run_grid(config: ExperimentConfig, base: nn.Module, splits: DataSplits,
+              env: dict[str, Any], *, resume: bool, ctx: DistContext,
+              emit: Callable[[str], None], shard: tuple[int, int] | None) -> None:
+    """Convert, uptrain and evaluate every grid run not in ``results.jsonl`` yet."""
+    out = Path(config.output_dir)
+    heads = model_heads(base)
     done = _done_runs(out / RESULTS)
     runs = grid_runs(config, heads, shard)
     for index, spec in enumerate(runs):
@@ -349,14 +382,6 @@ def run_experiment(
             (run_dir / "checkpoint.pt").unlink(missing_ok=True)
         ctx.barrier()
 
-    if ctx.is_main:
-        table = write_report(out)
-        emit(table)
-        emit(f"study finished in {time.perf_counter() - started:.1f} s; report: "
-             f"{out / 'report.md'}")
-    ctx.barrier()
-    return out
-
 
 def _result_row(spec: RunSpec, heads: int, model: nn.Module, res: TrainResult,
                 converted: dict[str, float], test: dict[str, float], env: dict[str, Any],
@@ -372,5 +397,6 @@ def _result_row(spec: RunSpec, heads: int, model: nn.Module, res: TrainResult,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
         "train_img_per_s": res.images_per_s, "train_seconds": res.train_seconds,
         "world_size": ctx.world_size, "device": str(ctx.device),
+        "cpu_threads": env.get("cpu_threads"),
         "commit": env["commit"], **{f"version_{k}": v for k, v in env["versions"].items()},
     }

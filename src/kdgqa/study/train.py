@@ -34,6 +34,7 @@ from kdgqa.io.durable import load_checkpoint, remove_stale_temps, save_checkpoin
 from kdgqa.study.config import TrainConfig, config_to_dict
 from kdgqa.study.data import Batches
 from kdgqa.study.distributed import DistContext, all_reduce_sum, sync_key_statistics
+from kdgqa.study.divergence import DivergenceGuard, TrainingDiverged
 
 __all__ = [
     "CorruptFileError",
@@ -50,10 +51,6 @@ __all__ = [
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became non-finite or exploded; the message says when and what was kept."""
 
 
 @dataclass
@@ -283,7 +280,7 @@ def train(
     allocation: list[dict[str, Any]] = []
     best = {"acc": -1.0, "loss": math.inf, "step": -1}
     timing = {"seconds": 0.0, "images": 0.0}
-    loss_avg: float | None = None
+    guard = DivergenceGuard(recipe.explode_factor)
     epoch_sums = {"loss": 0.0, "n": 0}  # survive a mid-epoch resume
 
     ckpt_path = run_dir / CHECKPOINT
@@ -292,13 +289,14 @@ def train(
         remove_stale_temps(run_dir / BEST)
     if resume and ckpt_path.is_file():
         def restore(state: dict[str, Any]) -> None:
-            nonlocal pos, history, allocation, best, timing, loss_avg, epoch_sums
+            nonlocal pos, history, allocation, best, timing, epoch_sums
             base.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             pos = _Position(**state["position"])
             history, allocation = state["history"], state["allocation"]
-            best, timing, loss_avg = state["best"], state["timing"], state["loss_avg"]
+            best, timing = state["best"], state["timing"]
+            guard.load_state(state["loss_avg"])
             epoch_sums = state["epoch_sums"]
             _set_rng_state(state["rng"])
 
@@ -310,7 +308,7 @@ def train(
                 "model": base.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "position": vars(pos).copy(),
                 "history": history, "allocation": allocation, "best": dict(best),
-                "timing": dict(timing), "loss_avg": loss_avg, "rng": _rng_state(),
+                "timing": dict(timing), "loss_avg": guard.state(), "rng": _rng_state(),
                 "epoch_sums": dict(epoch_sums),
                 "recipe": config_to_dict(recipe),
             }, ckpt_path)
@@ -338,23 +336,19 @@ def train(
     mark = time.perf_counter()
 
     def drain() -> None:
-        nonlocal loss_avg, mark
+        nonlocal mark
         if pending:
             values = torch.stack([t.float() for p in pending for t in p[3:]]).tolist()
             for i, (step, epoch, n, _, _) in enumerate(pending):
                 value, norm = values[2 * i], values[2 * i + 1]
-                if not math.isfinite(value) or not math.isfinite(norm) or (
-                    loss_avg is not None and step >= 20
-                    and value > recipe.explode_factor * loss_avg
-                ):
+                try:
+                    guard.check(value, norm, where=f"at step {step} (epoch {epoch})")
+                except TrainingDiverged as error:
                     kept = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file()
                             else "no checkpoint was written yet")
                     raise TrainingDiverged(
-                        f"{desc}: loss {value:.4g} at step {step} (epoch {epoch}) is not "
-                        f"finite or exceeds {recipe.explode_factor:g} x its running mean "
-                        f"{loss_avg or float('nan'):.4g}; stopped without saving ({kept}); "
-                        "lower the learning rate or raise grad clipping")
-                loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
+                        f"{desc}: {error}; stopped without saving ({kept}); lower the learning "
+                        "rate or raise grad clipping") from None
                 epoch_sums["loss"] += value * n
                 epoch_sums["n"] += n
             pending.clear()
