@@ -59,6 +59,9 @@ class OutputError(KdgqaError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[OutputError], tuple[object, str]]:
+        return OutputError, (self.path, self.reason)  # rebuilt in a parent process
+
 
 class ConfigError(KdgqaError):
     """A configuration problem, described in one line that names the offending key."""

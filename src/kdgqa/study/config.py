@@ -153,6 +153,9 @@ class ExperimentConfig:
     #: Intra-op CPU threads for training on the CPU; 0 chooses (one thread for small models,
     #: which is fastest and bitwise reproducible; see ``kdgqa.study.threads``).
     cpu_threads: int = 0
+    #: Worker processes that run the grid on the CPU; 0 chooses (one per core for a small
+    #: model on one thread; see ``kdgqa.study.cpu``), 1 runs it in this process.
+    cpu_workers: int = 0
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -451,6 +454,8 @@ def validate(config: ExperimentConfig) -> None:
     _require(bool(config.output_dir), "output_dir must not be empty")
     _require(0 <= config.cpu_threads <= 1024,
              f"cpu_threads must be in [0, 1024] (0 chooses), got {config.cpu_threads}")
+    _require(0 <= config.cpu_workers <= 1024,
+             f"cpu_workers must be in [0, 1024] (0 chooses), got {config.cpu_workers}")
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         value = getattr(m, key)
         _require(value >= 1, f"model.{key} must be >= 1, got {value}")

@@ -17,13 +17,13 @@ Run layout::
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import platform
+import shlex
 import subprocess
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ import torch
 import yaml
 from torch import nn
 
-from kdgqa.conversion.converter import convert
 from kdgqa.conversion.summary import parameter_count
 from kdgqa.errors import ConfigError, ConversionError
 from kdgqa.io.checkpoint import load, save_pretrained
@@ -39,17 +38,14 @@ from kdgqa.io.durable import append_jsonl, atomic_write, read_jsonl, replace_dir
 from kdgqa.io.sources import load_model
 from kdgqa.models.locate import attention_heads, kv_cache_bytes_per_token
 from kdgqa.models.timm_vit import create_timm_vit
-from kdgqa.study.calibration_images import calibration_arguments
 from kdgqa.study.config import (
     DataConfig,
     ExperimentConfig,
     check_cells,
     config_to_dict,
-    resolve_scheme,
 )
+from kdgqa.study.cpu import choose_cpu_threads, choose_workers, cpu_threads
 from kdgqa.study.data import (
-    Augment,
-    Batches,
     DataSplits,
     check_dataset,
     describe_splits,
@@ -58,8 +54,9 @@ from kdgqa.study.data import (
 from kdgqa.study.distributed import DistContext, broadcast_object, resolve_device
 from kdgqa.study.report import write_report
 from kdgqa.study.resume import check_resumable
-from kdgqa.study.threads import choose_cpu_threads, cpu_threads
-from kdgqa.study.train import TrainResult, evaluate, train
+from kdgqa.study.runs import RunOutput, RunSpec, execute_run, grid_runs, make_batches
+from kdgqa.study.train import evaluate, train
+from kdgqa.study.workers import WorkerJob, WorkerPool
 from kdgqa.version import __version__
 
 __all__ = [
@@ -75,36 +72,6 @@ __all__ = [
 RESULTS = "results.jsonl"
 ALLOCATION = "allocation.jsonl"
 HISTORY = "history.jsonl"
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One grid cell: a scheme (or a named variant of one) at a KV-head count with a seed."""
-
-    scheme: str
-    kv_heads: int
-    seed: int
-
-    @property
-    def run_id(self) -> str:
-        return f"{self.scheme}-g{self.kv_heads}-s{self.seed}"
-
-
-def grid_runs(config: ExperimentConfig, num_heads: int,
-              shard: tuple[int, int] | None = None) -> list[RunSpec]:
-    """Runs in execution order: MHA references first (when asked), then seeds innermost.
-
-    ``shard=(i, n)`` keeps every n-th run starting at i, so n processes (one per GPU) split
-    a grid between them without talking to each other; ``kdgqa report`` merges their outputs.
-    """
-    g = config.grid
-    runs = [RunSpec("mha", num_heads, s) for s in g.seeds] if g.include_mha else []
-    runs += [RunSpec(scheme, kv, seed) for kv in g.kv_heads for scheme in g.schemes
-             for seed in g.seeds]
-    if shard is not None:
-        index, count = shard
-        runs = runs[index::count]
-    return runs
 
 
 def environment() -> dict[str, Any]:
@@ -218,18 +185,6 @@ def _append(path: Path, rows: list[dict[str, Any]]) -> None:
     append_jsonl(path, rows)
 
 
-def _batches(d: DataConfig, splits: DataSplits, batch_size: int, seed: int,
-             ctx: DistContext) -> tuple[Batches, Batches, Batches]:
-    common: dict[str, Any] = {"image_size": d.image_size, "mean": d.mean, "std": d.std,
-              "rank": ctx.rank, "world_size": ctx.world_size}
-    eval_batch = max(batch_size, 256 // ctx.world_size * ctx.world_size)
-    train_b = Batches(splits.train, batch_size, augment=Augment.from_config(d), seed=seed,
-                      **common)
-    val_b = Batches(splits.val, eval_batch, shuffle=False, drop_last=False, **common)
-    test_b = Batches(splits.test, eval_batch, shuffle=False, drop_last=False, **common)
-    return train_b, val_b, test_b
-
-
 def _log_fn(ctx: DistContext, log: Callable[[str], None] | None) -> Callable[[str], None]:
     def emit(message: str) -> None:
         if ctx.is_main and log is not None:
@@ -289,11 +244,20 @@ def run_experiment(
         atomic_write(out / "config.yaml",
                      [yaml.safe_dump(config_to_dict(config), sort_keys=False).encode()])
         meta = {**environment(), "device": str(ctx.device), "world_size": ctx.world_size,
-                "cpu_threads": threads, "name": config.name}
+                "cpu_threads": threads, "name": config.name, "command": shlex.join(sys.argv),
+                "data_name": splits.name, "data": describe_splits(splits),
+                "pretrain_data": (describe_splits(pre_splits) if pre_splits is not splits
+                                  else None)}
         atomic_write(out / "meta.json", [json.dumps(meta, indent=2).encode()])
     env = broadcast_object(environment() if ctx.is_main else None, ctx)
     env["cpu_threads"] = threads
     ctx.barrier()
+    todo = [] if pretrain_only else _grid_todo(config, model_heads(base), shard)
+    workers = 1
+    if ctx.device.type == "cpu" and not ctx.distributed:
+        workers, why = choose_workers(config.cpu_workers, threads, len(todo))
+        if workers > 1:
+            emit(f"grid: {len(todo)} runs in {workers} worker processes ({why})")
     with cpu_threads(threads) if threads is not None else contextlib.nullcontext():
         base = _pretrained_base(config, base, pre_cfg, pre_splits, resume=resume, ctx=ctx,
                                 emit=emit)
@@ -304,7 +268,17 @@ def run_experiment(
             torch.manual_seed(config.seed)
             base.reset_classifier(splits.num_classes)  # type: ignore[operator]
             base.to(ctx.device)
-        _run_grid(config, base, splits, env, resume=resume, ctx=ctx, emit=emit, shard=shard)
+        # Workers start only now: started before pretraining, their imports slowed it down
+        # more than they saved (measured on two shared cores).
+        with WorkerPool(workers) as pool:
+            outputs: Iterable[RunOutput]
+            if workers > 1:
+                outputs = pool.run(WorkerJob(config_to_dict(config), base, splits, env, resume,
+                                             threads or 1), todo)
+            else:
+                outputs = (execute_run(config, base, splits, spec, label=label, env=env,
+                                       resume=resume, ctx=ctx) for label, spec in todo)
+            _commit_runs(config, outputs, ctx=ctx, emit=emit)
     if ctx.is_main:
         table = write_report(out)
         emit(table)
@@ -327,7 +301,7 @@ def _pretrained_base(config: ExperimentConfig, base: nn.Module, data: DataConfig
     if resume and (model_dir / "kdgqa_config.json").is_file():
         emit(f"pretrain: reusing {model_dir}")
         return load(model_dir).to(ctx.device)
-    tb, vb, teb = _batches(data, splits, config.pretrain.batch_size, config.seed, ctx)
+    tb, vb, teb = make_batches(data, splits, config.pretrain.batch_size, config.seed, ctx)
     res = train(base, tb, vb, config.pretrain, run_dir=pre_dir, resume=resume,
                 progress=config.progress, desc="pretrain MHA", ctx=ctx)
     test = evaluate(base, teb, amp=config.pretrain.amp, ctx=ctx)
@@ -341,62 +315,25 @@ def _pretrained_base(config: ExperimentConfig, base: nn.Module, data: DataConfig
     return base
 
 
-def _run_grid(config: ExperimentConfig, base: nn.Module, splits: DataSplits,
-              env: dict[str, Any], *, resume: bool, ctx: DistContext,
-              emit: Callable[[str], None], shard: tuple[int, int] | None) -> None:
-    """Convert, uptrain and evaluate every grid run not in ``results.jsonl`` yet."""
-    out = Path(config.output_dir)
-    heads = model_heads(base)
-    done = _done_runs(out / RESULTS)
+def _grid_todo(config: ExperimentConfig, heads: int, shard: tuple[int, int] | None
+               ) -> list[tuple[str, RunSpec]]:
+    """The grid's runs (or the shard's) not in ``results.jsonl`` yet, with their labels."""
+    done = _done_runs(Path(config.output_dir) / RESULTS)
     runs = grid_runs(config, heads, shard)
-    for index, spec in enumerate(runs):
-        if spec.run_id in done:
-            continue
-        run_dir = out / "runs" / spec.run_id
-        torch.manual_seed(spec.seed)
-        model = copy.deepcopy(base)
-        scheme, options = resolve_scheme(config.grid, spec.scheme)
-        if scheme != "mha":
-            # Calibrated schemes measure the first training images (no augmentation).
-            extra = calibration_arguments(scheme, options, splits.train, config.data)
-            convert(model, scheme, spec.kv_heads, pooling=config.grid.pooling, **options,
-                    **extra)
-        model.to(ctx.device)
-        tb, vb, teb = _batches(config.data, splits, config.uptrain.batch_size, spec.seed, ctx)
-        converted = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
-        res = train(model, tb, vb, config.uptrain, run_dir=run_dir,
-                    resume=resume, progress=config.progress,
-                    desc=f"[{index + 1}/{len(runs)}] {spec.run_id}", ctx=ctx)
-        test = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
-        row = _result_row(spec, heads, model, res, converted, test, env, ctx)
-        row.update(base_scheme=scheme, scheme_options=options)
-        emit(f"[{index + 1}/{len(runs)}] {spec.run_id}: test acc {test['acc']:.4f} "
-             f"(after conversion {converted['acc']:.4f}), {res.images_per_s:.0f} img/s")
+    return [(f"[{index + 1}/{len(runs)}]", spec) for index, spec in enumerate(runs)
+            if spec.run_id not in done]
+
+
+def _commit_runs(config: ExperimentConfig, outputs: Iterable[RunOutput], *, ctx: DistContext,
+                 emit: Callable[[str], None]) -> None:
+    """Log each finished run and append its rows (the only writer of the study's logs)."""
+    out = Path(config.output_dir)
+    for output in outputs:
+        emit(output.message)
         if ctx.is_main:
-            _append(out / ALLOCATION, [{"run_id": spec.run_id, "scheme": spec.scheme,
-                                        "kv_heads": spec.kv_heads, "seed": spec.seed, **a}
-                                       for a in res.allocation])
-            _append(out / HISTORY, [{"run_id": spec.run_id, **h} for h in res.history])
-            _append(out / RESULTS, [row])
+            _append(out / ALLOCATION, output.allocation)
+            _append(out / HISTORY, output.history)
+            _append(out / RESULTS, [output.row])
             # The optimizer state is only needed to resume; best.pt keeps the weights.
-            (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+            (out / "runs" / output.spec.run_id / "checkpoint.pt").unlink(missing_ok=True)
         ctx.barrier()
-
-
-def _result_row(spec: RunSpec, heads: int, model: nn.Module, res: TrainResult,
-                converted: dict[str, float], test: dict[str, float], env: dict[str, Any],
-                ctx: DistContext) -> dict[str, Any]:
-    return {
-        "run_id": spec.run_id, "scheme": spec.scheme, "kv_heads": spec.kv_heads,
-        "num_heads": heads, "seed": spec.seed,
-        "test_acc": test["acc"], "test_loss": test["loss"], "test_images": int(test["n"]),
-        "converted_test_acc": converted["acc"],
-        "best_val_acc": res.best_val_acc, "best_val_loss": res.best_val_loss,
-        "best_step": res.best_step, "steps": res.steps,
-        "params": sum(p.numel() for p in model.parameters()),
-        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
-        "train_img_per_s": res.images_per_s, "train_seconds": res.train_seconds,
-        "world_size": ctx.world_size, "device": str(ctx.device),
-        "cpu_threads": env.get("cpu_threads"),
-        "commit": env["commit"], **{f"version_{k}": v for k, v in env["versions"].items()},
-    }

@@ -20,10 +20,12 @@ from typing import Any
 
 from kdgqa.errors import KdgqaError
 from kdgqa.io.durable import read_jsonl
+from kdgqa.study.plots import write_plots
 
 __all__ = [
     "PairedInterval",
     "SummaryRow",
+    "identical_schemes",
     "load_jsonl",
     "markdown_table",
     "merge_studies",
@@ -56,6 +58,15 @@ class SummaryRow:
     params: int
     kv_cache_bytes_per_token: int
     train_img_per_s: float
+    #: The seeds and each seed's test and after-conversion accuracy (what "identical" means).
+    seeds: tuple[int, ...] = ()
+    seed_accs: tuple[float, ...] = ()
+    seed_converted_accs: tuple[float, ...] = ()
+
+    @property
+    def outcome(self) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+        """What two cells must share to be the same result: seeds and every accuracy."""
+        return self.seeds, self.seed_accs, self.seed_converted_accs
 
 
 def _t975(df: int) -> float:
@@ -128,8 +139,29 @@ def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa") -> list[Su
             delta_vs_gqa=delta, params=int(runs[0]["params"]),
             kv_cache_bytes_per_token=int(runs[0]["kv_cache_bytes_per_token"]),
             train_img_per_s=sum(r["train_img_per_s"] for r in runs) / len(runs),
+            seeds=tuple(sorted(by_seed)), seed_accs=tuple(accs),
+            seed_converted_accs=tuple(r["converted_test_acc"] for r in runs),
         ))
     return out
+
+
+def identical_schemes(summary: Sequence[SummaryRow], reference: str = "gqa"
+                      ) -> dict[str, list[str]]:
+    """Schemes whose results are the same in every seed at every KV-head count, merged:
+    ``{"gqa = kdgqa = dgqa-ema": ["gqa", "kdgqa", "dgqa-ema"], "pgqa": ["pgqa"], ...}``
+    (the reference first, then in table order; MHA left out)."""
+    outcomes: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+    for r in summary:
+        if r.scheme != "mha":
+            outcomes[r.scheme].append((r.kv_heads, r.outcome))
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for scheme, result in outcomes.items():
+        groups.setdefault(tuple(sorted(result)), []).append(scheme)
+    merged = {}
+    for schemes in groups.values():
+        schemes.sort(key=lambda s: s != reference)
+        merged[" = ".join(schemes)] = schemes
+    return merged
 
 
 def _pct(x: float) -> str:
@@ -144,18 +176,32 @@ def _delta(d: PairedInterval | None) -> str:
     return f"{100 * d.mean:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
 
 
-def markdown_table(summary: Sequence[SummaryRow]) -> str:
-    """The study's headline table (accuracies in %)."""
+def markdown_table(summary: Sequence[SummaryRow], merge: bool = True,
+                   reference: str = "gqa") -> str:
+    """The study's headline table (accuracies in %). With ``merge``, schemes whose results
+    are identical in every seed at a KV-head count share one row (``gqa = kdgqa``)."""
     lines = [
         "| scheme | KV heads | seeds | test acc % (mean ± std) | Δ vs gqa, same G "
         "(paired 95 % CI) | acc after conversion % | params | KV-cache B/token (bf16) "
         "| train img/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    shown: set[tuple[str, int]] = set()
     for r in summary:
+        if (r.scheme, r.kv_heads) in shown:
+            continue
+        same = [o for o in summary if merge and o.kv_heads == r.kv_heads
+                and o.outcome == r.outcome and o.scheme != "mha" and r.scheme != "mha"] or [r]
+        same.sort(key=lambda o: o.scheme != reference)
+        shown |= {(o.scheme, o.kv_heads) for o in same}
+        first = same[0]
+        if len(same) > 1 and first.scheme == reference:
+            delta = f"identical to {reference} in every seed"
+        else:
+            delta = _delta(first.delta_vs_gqa)
         lines.append(
-            f"| {r.scheme} | {r.kv_heads}/{r.num_heads} | {r.n_seeds} | "
-            f"{_pct(r.acc_mean)} ± {_pct(r.acc_std)} | {_delta(r.delta_vs_gqa)} | "
+            f"| {' = '.join(o.scheme for o in same)} | {r.kv_heads}/{r.num_heads} | "
+            f"{r.n_seeds} | {_pct(r.acc_mean)} ± {_pct(r.acc_std)} | {delta} | "
             f"{_pct(r.converted_acc_mean)} | {r.params:,} | {r.kv_cache_bytes_per_token:,} | "
             f"{r.train_img_per_s:,.0f} |"
         )
@@ -177,93 +223,13 @@ def _summary_dicts(summary: Sequence[SummaryRow]) -> list[dict[str, Any]]:
     for r in summary:
         d = asdict(r)
         delta: dict[str, Any] | None = d.pop("delta_vs_gqa")
+        for key in ("seeds", "seed_accs", "seed_converted_accs"):
+            d.pop(key)
         d.update({"delta_vs_gqa_mean": delta["mean"] if delta else None,
                   "delta_vs_gqa_low": delta["low"] if delta else None,
                   "delta_vs_gqa_high": delta["high"] if delta else None})
         rows.append(d)
     return rows
-
-
-def _plots(out: Path, summary: Sequence[SummaryRow], allocation: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    schemes = list(dict.fromkeys(r.scheme for r in summary if r.scheme != "mha"))
-    kvs = sorted({r.kv_heads for r in summary if r.scheme != "mha"})
-    mha = [r for r in summary if r.scheme == "mha"]
-
-    # Accuracy per scheme, one bar group per G.
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(1, len(schemes)), 4))
-    width = 0.8 / max(1, len(kvs))
-    for j, kv in enumerate(kvs):
-        at_kv = {r.scheme: r for r in summary if r.kv_heads == kv and r.scheme != "mha"}
-        xs = [i + j * width for i, s in enumerate(schemes) if s in at_kv]
-        ax.bar(xs, [100 * at_kv[s].acc_mean for s in schemes if s in at_kv], width,
-               yerr=[100 * at_kv[s].acc_std for s in schemes if s in at_kv], capsize=3,
-               label=f"G={kv}")
-    for r in mha:
-        ax.axhline(100 * r.acc_mean, color="k", ls="--", lw=1, label=f"MHA (G={r.kv_heads})")
-    ax.set_xticks([i + width * (len(kvs) - 1) / 2 for i in range(len(schemes))], schemes)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy per scheme (mean ± std over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_per_scheme.png", dpi=120)
-    plt.close(fig)
-
-    # Accuracy against KV heads. A study has more schemes than the default colour cycle:
-    # 20 colours and a marker per scheme keep every line distinct.
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    colour_map, markers = plt.get_cmap("tab20"), "osD^vP<>Xh"
-    for i, scheme in enumerate(schemes):
-        line = sorted((r for r in summary if r.scheme == scheme), key=lambda r: r.kv_heads)
-        ax.errorbar([r.kv_heads for r in line], [100 * r.acc_mean for r in line],
-                    yerr=[100 * r.acc_std for r in line], marker=markers[i % len(markers)],
-                    color=colour_map(i % 20), capsize=3, label=scheme)
-    for r in mha:
-        ax.errorbar([r.kv_heads], [100 * r.acc_mean], yerr=[100 * r.acc_std], marker="*",
-                    color="k", ms=10, ls="none", label="mha")
-    ax.set_xticks(sorted({*kvs, *(r.kv_heads for r in mha)}))
-    ax.set_xlabel("KV heads (G)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy against KV heads")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_kv_heads.png", dpi=120)
-    plt.close(fig)
-
-    # Query heads per KV head, per layer, over training: first seed of each key-driven cell.
-    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    first_seed: dict[tuple[str, int], int] = {}
-    for a in allocation:
-        key = (a["scheme"], a["kv_heads"])
-        first_seed.setdefault(key, a["seed"])
-        if a["seed"] == first_seed[key]:
-            runs[a["run_id"]].append(a)
-    for run_id, records in runs.items():
-        layers = sorted({a["layer"] for a in records})
-        cols = min(4, len(layers))
-        nrows = math.ceil(len(layers) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 1.0 + 2.6 * nrows),
-                                 squeeze=False, sharex=True, sharey=True)
-        for ax, layer in zip(axes.flat, layers, strict=False):
-            pts = sorted((a for a in records if a["layer"] == layer), key=lambda a: a["step"])
-            steps = [a["step"] for a in pts]
-            counts = list(zip(*[a["counts"] for a in pts], strict=True))
-            ax.stackplot(steps, counts, labels=[f"KV {g}" for g in range(len(counts))],
-                         step="post")
-            ax.set_title(f"layer {layer}", fontsize=9)
-        for ax in axes.flat[len(layers):]:
-            ax.axis("off")
-        axes[0][0].legend(fontsize=7, loc="lower left")
-        fig.supxlabel("training step")
-        fig.supylabel("query heads per KV head")
-        fig.suptitle(f"query-head allocation over training: {run_id}")
-        fig.tight_layout()
-        fig.savefig(out / f"allocation_{run_id}.png", dpi=110)
-        plt.close(fig)
 
 
 def write_report(out_dir: str | Path) -> str:
@@ -273,19 +239,40 @@ def write_report(out_dir: str | Path) -> str:
     if not rows:
         raise KdgqaError(f"no results in {out / 'results.jsonl'}")
     summary = summarize(rows)
+    merged = identical_schemes(summary)
     table = markdown_table(summary)
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
     versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
-    text = [f"# Study {meta.get('name', out.name)}", "", table, "",
-            "Accuracy on the test split with the checkpoint chosen on the validation split. "
-            "Δ: scheme minus gqa at the same number of KV heads, paired by seed, Student-t "
-            "95 % interval. KV-cache bytes per token summed over layers in bf16.", "",
-            f"Device: {meta.get('device', '?')} x {meta.get('world_size', 1)}; "
-            f"commit {meta.get('commit', '?')}; {versions}."]
-    plots = sorted(p.name for p in out.glob("*.png"))
+    data = meta.get("data")
+    text = [f"# Study {meta.get('name', out.name)}", ""]
+    if data:
+        text += [f"Data: {data}."]
+        if meta.get("pretrain_data"):
+            text += [f"Pretraining data: {meta['pretrain_data']}."]
+        text += [""]
+    if meta.get("command"):
+        text += [f"Command: `{meta['command']}`", ""]
+    text += [table, "",
+             "Columns: *test acc* is the accuracy on the test split of the checkpoint chosen on "
+             "the validation split, mean ± sample std over seeds. *Δ vs gqa* is the scheme "
+             "minus gqa at the same number of KV heads, paired by seed (same data order and "
+             "draws), with a Student-t 95 % interval. *acc after conversion* is the test "
+             "accuracy right after conversion, before any uptraining (chance level when the "
+             "classifier is newly initialised for a new task). KV-cache bytes per token are "
+             "summed over layers in bf16; *train img/s* is the uptraining throughput."]
+    same = [label for label, schemes in merged.items() if len(schemes) > 1]
+    if same:
+        text += ["", "Rows joined by `=` are schemes with identical results in every seed "
+                 f"({'; '.join(same)}): their allocation never left the reference's split, "
+                 "so they trained exactly the same model."]
+    threads = meta.get("cpu_threads")
+    text += ["", f"Device: {meta.get('device', '?')} x {meta.get('world_size', 1)}"
+             + (f", {threads} CPU thread(s)" if threads else "")
+             + f"; commit {meta.get('commit', '?')}; {versions}."]
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "summary.csv", _summary_dicts(summary))
-    _plots(out, summary, load_jsonl(out / "allocation.jsonl"))
+    subject = str(meta.get("data_name") or "")
+    write_plots(out, summary, merged, load_jsonl(out / "allocation.jsonl"), subject)
     plots = sorted(p.name for p in out.glob("*.png"))
     text += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in plots)]
     (out / "report.md").write_text("\n".join(text) + "\n")

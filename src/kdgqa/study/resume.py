@@ -23,7 +23,7 @@ __all__ = ["RESUMABLE_CHANGES", "check_resumable", "config_difference"]
 #: Settings that may differ between a study and its resumption: where and how it runs, and
 #: the grid's extent (new cells are added; finished cells keep their results).
 RESUMABLE_CHANGES = frozenset({
-    "name", "output_dir", "device", "progress",
+    "name", "output_dir", "device", "progress", "cpu_workers",
     "grid.schemes", "grid.kv_heads", "grid.seeds", "grid.include_mha",
     "pretrain.checkpoint_every", "pretrain.compile", "pretrain.sync_every",
     "uptrain.checkpoint_every", "uptrain.compile", "uptrain.sync_every",

@@ -81,7 +81,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def build_optimizer(model: nn.Module, recipe: TrainConfig) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases, norms, tokens and position embeddings."""
+    """AdamW without weight decay on biases, norms, tokens and position embeddings.
+
+    On the CPU the fused implementation (one kernel for all parameters; ~6x faster than the
+    per-parameter loop for small models, and elementwise, so independent of the thread
+    count); on GPUs torch's default, which the published GPU study used.
+    """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
@@ -91,7 +96,8 @@ def build_optimizer(model: nn.Module, recipe: TrainConfig) -> torch.optim.AdamW:
         (no_decay if skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": recipe.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=recipe.lr)
+    on_cpu = all(p.device.type == "cpu" for p in [*decay, *no_decay])
+    return torch.optim.AdamW(groups, lr=recipe.lr, fused=True if on_cpu else None)
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:

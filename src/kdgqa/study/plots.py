@@ -1,0 +1,167 @@
+"""A study's plots: accuracy per scheme, accuracy against KV heads, allocation over training.
+
+Made to be read: axes zoomed to the data with the MHA bound drawn as a line, points with
+error bars rather than bars on a cut axis, schemes whose results are identical in every seed
+drawn once and labelled ``a = b``, a colour-blind-safe palette (Okabe-Ito, without its yellow)
+with a distinct marker per line, legends outside the data and titles that fit. matplotlib's
+Agg backend: no display needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kdgqa.study.report import SummaryRow
+
+__all__ = ["PALETTE", "write_plots"]
+
+#: Okabe-Ito's colour-blind-safe colours, darkest first, yellow left out (too light on white).
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+MARKERS = "osD^vP<>Xh*p"
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _style(index: int) -> dict[str, Any]:
+    """Colour, marker and line style of the ``index``-th line: no two lines share all three."""
+    return {"color": PALETTE[index % len(PALETTE)], "marker": MARKERS[index % len(MARKERS)],
+            "linestyle": LINESTYLES[(index // len(PALETTE)) % len(LINESTYLES)]}
+
+
+def _limits(values: list[float], floor: float = 0.0, ceiling: float = 100.0
+            ) -> tuple[float, float]:
+    """A y range around ``values`` with a margin, inside [floor, ceiling]."""
+    low, high = min(values), max(values)
+    margin = max(0.5, 0.08 * (high - low))
+    return max(floor, low - margin), min(ceiling, high + margin)
+
+
+def _mha_lines(ax: Any, mha: Sequence[SummaryRow]) -> None:
+    for r in mha:
+        ax.axhline(100 * r.acc_mean, color="#444444", ls="--", lw=1.2,
+                   label=f"MHA bound ({r.kv_heads} KV heads): {100 * r.acc_mean:.2f} %")
+
+
+def _per_scheme(out: Path, lines: dict[str, list[SummaryRow]], mha: Sequence[SummaryRow],
+                kvs: list[int], title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    labels = list(lines)
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 + 0.9 * len(labels)), 4.6))
+    values: list[float] = [100 * r.acc_mean for r in mha]
+    offsets = {kv: (j - (len(kvs) - 1) / 2) * 0.18 for j, kv in enumerate(kvs)}
+    for j, kv in enumerate(kvs):
+        xs, ys, errs = [], [], []
+        for i, label in enumerate(labels):
+            row = next((r for r in lines[label] if r.kv_heads == kv), None)
+            if row is not None:
+                xs.append(i + offsets[kv])
+                ys.append(100 * row.acc_mean)
+                errs.append(100 * row.acc_std)
+        values += [y - e for y, e in zip(ys, errs, strict=True)]
+        values += [y + e for y, e in zip(ys, errs, strict=True)]
+        style = _style(j)
+        ax.errorbar(xs, ys, yerr=errs, ls="none", capsize=3, ms=7, color=style["color"],
+                    marker=style["marker"], label=f"{kv} KV heads")
+    _mha_lines(ax, mha)
+    ax.set_xticks(range(len(labels)), [label.replace(" = ", " =\n") for label in labels],
+                  fontsize=8, rotation=30 if len(labels) > 6 else 0,
+                  ha="right" if len(labels) > 6 else "center")
+    ax.set_ylim(*_limits(values))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.savefig(out / "accuracy_per_scheme.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _against_kv(out: Path, lines: dict[str, list[SummaryRow]], mha: Sequence[SummaryRow],
+                kvs: list[int], title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    values: list[float] = [100 * r.acc_mean for r in mha]
+    for i, (label, rows) in enumerate(lines.items()):
+        rows = sorted(rows, key=lambda r: r.kv_heads)
+        ys = [100 * r.acc_mean for r in rows]
+        errs = [100 * r.acc_std for r in rows]
+        values += [y - e for y, e in zip(ys, errs, strict=True)]
+        values += [y + e for y, e in zip(ys, errs, strict=True)]
+        ax.errorbar([r.kv_heads for r in rows], ys, yerr=errs, capsize=3, ms=6, lw=1.4,
+                    label=label, **_style(i))
+    _mha_lines(ax, mha)
+    ax.set_xticks(sorted({*kvs, *(r.kv_heads for r in mha)}))
+    ax.set_ylim(*_limits(values))
+    ax.set_xlabel("KV heads (G)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.savefig(out / "accuracy_vs_kv_heads.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _allocation(out: Path, allocation: list[dict[str, Any]]) -> None:
+    """Query heads per KV head, per layer, over training: first seed of each key-driven cell."""
+    import matplotlib.pyplot as plt
+
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    first_seed: dict[tuple[str, int], int] = {}
+    for a in allocation:
+        key = (a["scheme"], a["kv_heads"])
+        first_seed.setdefault(key, a["seed"])
+        if a["seed"] == first_seed[key]:
+            runs[a["run_id"]].append(a)
+    for run_id, records in runs.items():
+        layers = sorted({a["layer"] for a in records})
+        cols = min(4, len(layers))
+        nrows = math.ceil(len(layers) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 1.0 + 2.6 * nrows),
+                                 squeeze=False, sharex=True, sharey=True)
+        for ax, layer in zip(axes.flat, layers, strict=False):
+            pts = sorted((a for a in records if a["layer"] == layer), key=lambda a: a["step"])
+            counts = list(zip(*[a["counts"] for a in pts], strict=True))
+            ax.stackplot([a["step"] for a in pts], counts, step="post",
+                         labels=[f"KV {g}" for g in range(len(counts))],
+                         colors=[PALETTE[g % len(PALETTE)] for g in range(len(counts))])
+            ax.set_title(f"layer {layer}", fontsize=9)
+        for ax in axes.flat[len(layers):]:
+            ax.axis("off")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=8, loc="upper right", frameon=False)
+        fig.supxlabel("training step")
+        fig.supylabel("query heads per KV head")
+        fig.suptitle(f"query-head allocation over training: {run_id}", fontsize=10)
+        fig.savefig(out / f"allocation_{run_id}.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+
+def write_plots(out: Path, summary: Sequence[SummaryRow], merged: dict[str, list[str]],
+                allocation: list[dict[str, Any]], subject: str = "") -> None:
+    """Write the study's PNG plots into ``out``.
+
+    ``merged`` maps each label to the schemes it stands for (``"gqa = kdgqa"``: identical in
+    every seed at every G); ``subject`` (e.g. the dataset) goes into the titles.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    mha = [r for r in summary if r.scheme == "mha"]
+    by_scheme: dict[str, list[SummaryRow]] = defaultdict(list)
+    for r in summary:
+        if r.scheme != "mha":
+            by_scheme[r.scheme].append(r)
+    lines = {label: by_scheme[schemes[0]] for label, schemes in merged.items()}
+    kvs = sorted({r.kv_heads for r in summary if r.scheme != "mha"})
+    seeds = max((r.n_seeds for r in summary), default=0)
+    what = f"{subject}, " if subject else ""
+    _per_scheme(out, lines, mha, kvs,
+                f"Test accuracy per scheme ({what}mean ± std over {seeds} seeds)")
+    _against_kv(out, lines, mha, kvs,
+                f"Test accuracy against KV heads ({what}mean ± std over {seeds} seeds)")
+    _allocation(out, allocation)

@@ -1,0 +1,124 @@
+"""Independent grid runs in parallel worker processes, with the results of a serial loop.
+
+Each worker (a fresh ``spawn`` process, so nothing of the parent's threads or state leaks in)
+receives the study's config, the MHA model the grid starts from and the data once, then takes
+runs from a shared queue. A run depends only on its seed, never on which worker runs it or
+when, so the outputs are the same as one process's; they are handed back in grid order, and
+the parent process stays the only one that writes the study's files. A worker's error stops
+the grid with that error; a worker that dies is reported by its exit code.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdgqa.study.config import parse_config
+from kdgqa.study.data import DataSplits
+from kdgqa.study.distributed import DistContext
+from kdgqa.study.runs import RunOutput, RunSpec, execute_run
+
+__all__ = ["WorkerJob", "WorkerPool"]
+
+#: Seconds between checks that every worker is still alive while waiting for results.
+POLL_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every worker needs for any run of the grid."""
+
+    config: dict[str, Any]
+    base: nn.Module
+    splits: DataSplits
+    env: dict[str, Any]
+    resume: bool
+    threads: int
+
+
+def _worker(jobs: Any, tasks: Any, results: Any) -> None:
+    job: WorkerJob | None = jobs.get()
+    if job is None:
+        return
+    torch.set_num_threads(job.threads)
+    config = parse_config(job.config)
+    config.progress = False  # one bar per process would interleave on the terminal
+    ctx = DistContext(device=torch.device("cpu"))
+    while (task := tasks.get()) is not None:
+        index, label, spec = task
+        try:
+            output = execute_run(config, job.base, job.splits, spec, label=label, env=job.env,
+                                 resume=job.resume, ctx=ctx)
+        except Exception as error:  # handed to the parent, which raises it
+            results.put(("error", index, error))
+            return
+        results.put(("done", index, output))
+
+
+class WorkerPool:
+    """``workers`` processes, started on entry; :meth:`run` hands them the grid. With fewer
+    than two workers nothing is started and :meth:`run` is not available."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._context = mp.get_context("spawn")
+        self._jobs: Any = None
+        self._processes: list[Any] = []
+
+    def __enter__(self) -> WorkerPool:
+        if self.workers >= 2:
+            self._jobs = self._context.Queue()
+            self._tasks, self._results = self._context.Queue(), self._context.Queue()
+            self._processes = [
+                self._context.Process(target=_worker, args=(self._jobs, self._tasks,
+                                                            self._results),
+                                      daemon=True, name=f"kdgqa-grid-{i}")
+                for i in range(self.workers)]
+            for process in self._processes:
+                process.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self._processes:
+            process.join()
+        if self._processes:
+            for channel in (self._jobs, self._tasks, self._results):
+                channel.close()
+                channel.join_thread()
+        self._processes = []
+
+    def run(self, job: WorkerJob, todo: list[tuple[str, RunSpec]]) -> Iterator[RunOutput]:
+        """Run ``todo`` (label, spec) in the workers; yield outputs in ``todo`` order."""
+        if not self._processes:
+            raise RuntimeError("WorkerPool.run needs a started pool of two or more workers")
+        for index, (label, spec) in enumerate(todo):
+            self._tasks.put((index, label, spec))
+        for _ in self._processes:
+            self._jobs.put(job)
+            self._tasks.put(None)
+        finished: dict[int, RunOutput] = {}
+        following = 0
+        while following < len(todo):
+            try:
+                kind, index, payload = self._results.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                dead = [p for p in self._processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"grid worker {dead[0].name} stopped with exit code "
+                                       f"{dead[0].exitcode} before finishing its runs") from None
+                continue
+            if kind == "error":
+                raise payload
+            finished[index] = payload
+            while following in finished:
+                yield finished.pop(following)
+                following += 1
