@@ -38,7 +38,10 @@ def naive_attention(
         for h in range(heads):  # zero the diagonal of each group's noise matrix
             if h % group < tokens * dim:
                 noise[h, h % group] = 0
-        noise = (noise - noise.mean(-1, keepdim=True)) / noise.std(-1, keepdim=True)
+        # The noise is drawn and standardised in fp32 with the same reduction as the module,
+        # so both see the same unit noise bit for bit; what follows runs in x's dtype.
+        noise_std, noise_mean = torch.std_mean(noise, dim=-1, keepdim=True)
+        noise = ((noise - noise_mean) / noise_std).to(flat.dtype)
         flat = flat - (noise * flat.std(-1, keepdim=True) + flat.mean(-1, keepdim=True))
         out = flat.view(batch, heads, tokens, dim)
     out = out.transpose(1, 2).reshape(batch, tokens, heads * dim)

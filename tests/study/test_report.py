@@ -47,19 +47,41 @@ def test_summary_pairs_by_seed_not_by_order() -> None:
 
 
 def test_write_report_creates_table_csv_and_plots(tmp_path: Path) -> None:
-    rows = [_row(s, kv, seed, 0.5 + 0.01 * seed + 0.02 * kv) for s in ("gqa", "kdgqa")
-            for kv in (1, 2) for seed in (0, 1)]
+    # kdgqa equals gqa in every seed at G = 2 (one merged row), not at G = 1.
+    rows = [_row(s, kv, seed, 0.5 + 0.01 * seed + 0.02 * kv + (0.03 if (s, kv) == ("kdgqa", 1)
+                                                                else 0.0))
+            for s in ("gqa", "kdgqa") for kv in (1, 2) for seed in (0, 1)]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     alloc = [{"run_id": "kdgqa-g2-s0", "scheme": "kdgqa", "kv_heads": 2, "seed": 0,
               "step": step, "layer": layer, "counts": [1 + step % 2, 3 - step % 2]}
              for step in range(4) for layer in range(2)]
     (tmp_path / "allocation.jsonl").write_text("".join(json.dumps(a) + "\n" for a in alloc))
     table = write_report(tmp_path)
-    assert (tmp_path / "report.md").read_text().count("| kdgqa |") == 2
-    assert table in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("| kdgqa |") == 1 and report.count("| gqa = kdgqa | 2/4 |") == 1
+    assert "identical to gqa in every seed" in report and "gqa = kdgqa at 2 KV heads" in report
+    assert table in report
     with open(tmp_path / "summary.csv") as handle:
         summary = list(csv.DictReader(handle))
     assert len(summary) == 4 and "delta_vs_gqa_low" in summary[0]
     for name in ("accuracy_per_scheme.png", "accuracy_vs_kv_heads.png",
                  "allocation_kdgqa-g2-s0.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_identical_schemes_merge_only_when_every_seed_and_g_agree() -> None:
+    from kdgqa.study.report import identical_schemes
+
+    rows = [_row(s, kv, seed, 0.6 + 0.01 * seed) for s in ("kdgqa", "gqa", "dgqa-ema")
+            for kv in (1, 2) for seed in (0, 1)]
+    rows[-1]["test_acc"] += 1e-9  # dgqa-ema differs in one seed at one G
+    assert identical_schemes(summarize(rows)) == {"gqa = kdgqa": ["gqa", "kdgqa"],
+                                                  "dgqa-ema": ["dgqa-ema"]}
+
+
+def test_plot_axes_are_zoomed_to_the_data() -> None:
+    from kdgqa.study.plots import _limits
+
+    low, high = _limits([88.0, 95.5, 94.0])
+    assert 85 < low < 88 and 95.5 < high < 98
+    assert _limits([0.2, 1.0]) == (0.0, 1.5) and _limits([99.8]) == (99.3, 100.0)

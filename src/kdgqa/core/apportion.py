@@ -50,13 +50,15 @@ def counts_to_kv_index(counts: Tensor, num_heads: int) -> Tensor:
 
 
 def key_norms(k: Tensor, per_sample: bool = False) -> Tensor:
-    """Frobenius norm of each key head over (tokens x head_dim), accumulated in fp32.
+    """Frobenius norm of each key head over (tokens x head_dim), accumulated in fp32 (fp64
+    for fp64 keys).
 
     ``k`` is ``(B, G, N, D)``. Returns ``(G,)`` summed over the batch, as the paper does, or
     ``(B, G)`` when ``per_sample``. Computing in fp32 keeps bf16/fp16 keys from overflowing
     or losing the small differences the allocation depends on.
     """
-    norms = torch.linalg.vector_norm(k.detach(), dim=(2, 3), dtype=torch.float32)
+    dtype = torch.promote_types(k.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(k.detach(), dim=(2, 3), dtype=dtype)
     return norms if per_sample else norms.sum(0)
 
 

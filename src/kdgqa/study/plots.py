@@ -86,15 +86,21 @@ def _against_kv(out: Path, lines: dict[str, list[SummaryRow]], mha: Sequence[Sum
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     values: list[float] = [100 * r.acc_mean for r in mha]
+    # Lines side by side around each G, so error bars at the same G do not hide each other.
+    spread = 0.06 * (max(kvs) - min(kvs) or 1)
     for i, (label, rows) in enumerate(lines.items()):
         rows = sorted(rows, key=lambda r: r.kv_heads)
+        shift = (i - (len(lines) - 1) / 2) * spread / max(1, len(lines) - 1)
         ys = [100 * r.acc_mean for r in rows]
         errs = [100 * r.acc_std for r in rows]
         values += [y - e for y, e in zip(ys, errs, strict=True)]
         values += [y + e for y, e in zip(ys, errs, strict=True)]
-        ax.errorbar([r.kv_heads for r in rows], ys, yerr=errs, capsize=3, ms=6, lw=1.4,
-                    label=label, **_style(i))
+        ax.errorbar([r.kv_heads + shift for r in rows], ys, yerr=errs, capsize=3, ms=6,
+                    lw=1.4, label=label, **_style(i))
     _mha_lines(ax, mha)
+    for r in mha:
+        ax.errorbar([r.kv_heads], [100 * r.acc_mean], yerr=[100 * r.acc_std], marker="*",
+                    color="#444444", ms=11, capsize=3, ls="none")
     ax.set_xticks(sorted({*kvs, *(r.kv_heads for r in mha)}))
     ax.set_ylim(*_limits(values))
     ax.set_xlabel("KV heads (G)")
@@ -121,8 +127,8 @@ def _allocation(out: Path, allocation: list[dict[str, Any]]) -> None:
         layers = sorted({a["layer"] for a in records})
         cols = min(4, len(layers))
         nrows = math.ceil(len(layers) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 1.0 + 2.6 * nrows),
-                                 squeeze=False, sharex=True, sharey=True)
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols + 1.0, 1.0 + 2.4 * nrows),
+                                 squeeze=False, sharex=True, sharey=True, layout="constrained")
         for ax, layer in zip(axes.flat, layers, strict=False):
             pts = sorted((a for a in records if a["layer"] == layer), key=lambda a: a["step"])
             counts = list(zip(*[a["counts"] for a in pts], strict=True))
@@ -133,7 +139,8 @@ def _allocation(out: Path, allocation: list[dict[str, Any]]) -> None:
         for ax in axes.flat[len(layers):]:
             ax.axis("off")
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, fontsize=8, loc="upper right", frameon=False)
+        fig.legend(handles[::-1], labels[::-1], fontsize=8, loc="outside right upper",
+                   frameon=False)
         fig.supxlabel("training step")
         fig.supylabel("query heads per KV head")
         fig.suptitle(f"query-head allocation over training: {run_id}", fontsize=10)

@@ -145,6 +145,17 @@ def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa") -> list[Su
     return out
 
 
+def _identical_cells(summary: Sequence[SummaryRow], reference: str = "gqa"
+                     ) -> list[tuple[int, list[str]]]:
+    """(G, schemes) for every group of two or more schemes identical in every seed at G."""
+    groups: dict[tuple[int, Any], list[str]] = defaultdict(list)
+    for r in summary:
+        if r.scheme != "mha":
+            groups[(r.kv_heads, r.outcome)].append(r.scheme)
+    return [(kv, sorted(s, key=lambda x: x != reference)) for (kv, _), s in groups.items()
+            if len(s) > 1]
+
+
 def identical_schemes(summary: Sequence[SummaryRow], reference: str = "gqa"
                       ) -> dict[str, list[str]]:
     """Schemes whose results are the same in every seed at every KV-head count, merged:
@@ -260,11 +271,12 @@ def write_report(out_dir: str | Path) -> str:
              "accuracy right after conversion, before any uptraining (chance level when the "
              "classifier is newly initialised for a new task). KV-cache bytes per token are "
              "summed over layers in bf16; *train img/s* is the uptraining throughput."]
-    same = [label for label, schemes in merged.items() if len(schemes) > 1]
+    same = _identical_cells(summary)
     if same:
-        text += ["", "Rows joined by `=` are schemes with identical results in every seed "
-                 f"({'; '.join(same)}): their allocation never left the reference's split, "
-                 "so they trained exactly the same model."]
+        text += ["", "Rows joined by `=` are schemes with identical results in every seed ("
+                 + "; ".join(f"{' = '.join(s)} at {kv} KV heads" for kv, s in same)
+                 + "): they trained exactly the same model (a key-driven scheme whose "
+                 "allocation never leaves the even split is gqa)."]
     threads = meta.get("cpu_threads")
     text += ["", f"Device: {meta.get('device', '?')} x {meta.get('world_size', 1)}"
              + (f", {threads} CPU thread(s)" if threads else "")
