@@ -21,7 +21,7 @@ the MHA count (``mfu_mha_flops``, like for like).
 
     python benchmarks/model.py --models vit_b --batch 128 --out benchmarks/results/model.json
     python benchmarks/model.py --smoke          # tiny ViT on the CPU in a few seconds
-    python benchmarks/model.py --table benchmarks/results/model_*.json   # README tables
+    python benchmarks/model.py --table benchmarks/results/model_*.json   # docs/performance.md
 """
 
 from __future__ import annotations
@@ -493,7 +493,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny ViT, CPU, fp32, batch 4, 1+2 steps: checks the plumbing")
     parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
-                        help="print the README tables of result files and exit")
+                        help="print the docs/performance.md tables of result files and exit")
     parser.add_argument("--full", action="store_true", help="with --table: one line per row")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -1,4 +1,4 @@
-"""Markdown tables of benchmark JSON files, for the README.
+"""Markdown tables of benchmark JSON files, for docs/performance.md.
 
 Attention-module results (``attention.py``): each scheme's forward + backward time and its
 ratio to ``gqa``. Whole-model results (``model.py``): img/s per implementation and setting with
@@ -177,8 +177,9 @@ def newest_measurements_first(rows: list[Row]) -> list[Row]:
 
 
 def model_tables(rows: list[Row], full: bool = False) -> str:
-    """The README's whole-model section: train and inference pivots, ratios to the official
-    style, MFU and memory of ViT-B/16 224 px training; ``full`` adds one line per row."""
+    """The whole-model section of docs/performance.md: train and inference pivots, ratios
+    to the official style, MFU and memory of ViT-B/16 224 px training; ``full`` adds one line
+    per row."""
     base = Baselines(rows)
     order = _impl_order(sorted(rows, key=_run_size_rank(rows)))
     rows = newest_measurements_first(rows)
@@ -206,7 +207,7 @@ def model_tables(rows: list[Row], full: bool = False) -> str:
                       else f"{100 * r['mfu']:.1f} %", impls=order), ""]
     summary = target_summary(rows, base)
     if summary:
-        out += ["**Targets (issue 6)**", "", summary, ""]
+        out += ["**Targets**", "", summary, ""]
     if full:
         out += ["**Every row**", "", full_table(rows, base), ""]
     return "\n".join(out).rstrip() + "\n"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU study (issue 6/7) in stages, as run on the H200 machine (PYTHONPATH=src, data archives
+# The first GPU study (results/study/) in stages, as run on the H200 machine (PYTHONPATH=src, data archives
 # from ../shared/data copied into .data/). Each stage fits one 10-minute device call; what a
 # stage produces is packed under $OUT (at most 8 files come back per call).
 #
@@ -8,7 +8,7 @@
 #   bash scripts/gpu_study.sh grid 6 0 1 2 # shards 0-2 of 6 of the study grid, concurrently
 #   bash scripts/gpu_study.sh control      # G = 1 (MQA) control, 3 seeds
 #   bash scripts/gpu_study.sh bench        # whole-model benchmark rows still missing
-#   bash scripts/gpu_study.sh ablation     # calibrated with the pooling loss alone (issue 7)
+#   bash scripts/gpu_study.sh ablation     # calibrated with the pooling loss alone
 #   bash scripts/gpu_study.sh auto         # whatever is still missing, in order, until DEADLINE
 #   bash scripts/gpu_study.sh collect F    # here: add a returned grid-files.tgz to results/study
 # then, anywhere: kdgqa report runs/study/uptrain/shard*/ runs/study/mqa -o results/study
@@ -163,7 +163,7 @@ PY
       --set grid.include_mha=false ${UPTRAIN_SET:+--set $UPTRAIN_SET} 2>&1 | tail -n 3
     tar czf "$OUT/control-files.tgz" runs/study/mqa/*.jsonl runs/study/mqa/meta.json || true
     ;;
-  bench)  # whole-model rows still missing (issue 6): PGQA after its fused kernels, kdgqa-ps
+  bench)  # whole-model rows still missing: PGQA after its fused kernels, kdgqa-ps
           # compiled, calibrated/similarity beyond ViT-B 224 eager; each beside its own timm rows
     R=benchmarks/results
     end=$(( $(date +%s) + ${TIME_LIMIT:-560} ))
@@ -173,9 +173,9 @@ PY
     timeout $(( end - $(date +%s) )) python benchmarks/model.py --models vit_b --batch 256 \
       --compile on --schemes kdgqa-ps,calibrated,similarity --baselines timm --max-minutes 3 \
       --out "$OUT/model_vit_b_224_compiled_topup_h200.json" 2>&1 | tail -n 8 || true
-    echo "copy $OUT/*.json into $R and regenerate the README tables with benchmarks/table.py"
+    echo "copy $OUT/*.json into $R and regenerate the tables in docs/performance.md with benchmarks/table.py"
     ;;
-  ablation)  # issue 7: `calibrated` with the pooling loss alone (selection=pooling), the
+  ablation)  # `calibrated` with the pooling loss alone (selection=pooling), the
              # form before the output check, G = 2, 3 x 3 seeds; one process per run
     unpack cifar10
     mkdir -p runs/study/ablation

@@ -3,7 +3,7 @@
 Whatever the keys hold (NaN, +-inf, zeros, fp16 values whose squares overflow fp16, bf16
 values that differ below bf16 resolution once squared), the default allocation is valid:
 integer counts, each >= ``min_queries``, summing to H, and a head map with entries in [0, G).
-Defined fallbacks (documented in ``proportional_counts`` and RELIABILITY.md): NaN and negative
+Defined fallbacks (documented in ``proportional_counts`` and docs/reliability.md): NaN and negative
 scores count as zero, +inf scores share the spare heads equally, all-zero scores split evenly,
 and DGQA skips a window whose key norms are not finite. NaN inputs are reported where that is
 the right answer: the training loop stops with ``TrainingDiverged`` naming the step, and the

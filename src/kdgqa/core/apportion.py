@@ -99,7 +99,7 @@ def apportion(
     """``proportional_counts`` and the head map for rows of ``scores`` ``(R, G)``.
 
     With ``reduce_rows`` the rows are summed first and one row comes back. On CUDA with Triton
-    this is one fused kernel launch (``kdgqa.kernels``); elsewhere, the same arithmetic in
+    this is one fused kernel launch (``kdgqa.core.kernels``); elsewhere, the same arithmetic in
     tensor ops. Returns ``(counts (R', G), kv_index (R', H))``, both int64.
     """
     if scores.is_cuda and triton_available():

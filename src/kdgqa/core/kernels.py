@@ -5,7 +5,7 @@ shapes their launch overhead costs more than the attention itself. This kernel d
 reduction of the key norms, the largest-remainder apportionment and the head map in a single
 program per row. It is registered as a ``torch.library`` Triton op, so ``torch.compile``
 traces it like any other op. Where Triton or CUDA is missing, callers use the tensor-op
-version in ``kdgqa.allocation`` instead, which computes the same thing.
+version in ``kdgqa.core.apportion`` instead, which computes the same thing.
 """
 
 from __future__ import annotations

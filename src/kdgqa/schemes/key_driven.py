@@ -234,12 +234,16 @@ def _dgqa_after_load(module: nn.Module, incompatible_keys: Any) -> None:
 
 @register_scheme
 class DGQAEmaAllocator(DGQAAllocator):
+    """DGQA allocating in proportion to the tracked (moving-average) key norms."""
+
     name = "dgqa-ema"
     flavour = "ema"
 
 
 @register_scheme
 class DGQADiffAllocator(DGQAAllocator):
+    """DGQA allocating in proportion to how much each KV head's key norm moved in a window."""
+
     name = "dgqa-diff"
     flavour = "diff"
 
