@@ -120,3 +120,21 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 2 and len(err.strip().splitlines()) == 1 and "required" in err
     status, _, err = _run(capsys, "frobnicate")
     assert status == 2 and err.startswith("kdgqa: error: ")
+
+
+def test_own_image_folder_dry_run_names_every_split(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for split, count in (("train", 10), ("val", 3)):
+        for cls in ("ant", "bee"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(root / split / cls / f"{i}.png")
+    example = Path(__file__).parents[2] / "configs" / "imagefolder-example.yaml"
+    status, out, err = _run(capsys, "experiment", str(example), "--set", f"data.root={root}",
+                            "-o", str(tmp_path / "run"), "--dry-run")
+    assert status == 0, err
+    assert (f"data: imagefolder: train 18 ({root / 'train'}), val 2 (10% of the training "
+            f"images, held out with seed 0), test 6 ({root / 'val'})") in out
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ everywhere: the attention module, convert, save/load, export (or a clear refusal
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -155,9 +156,16 @@ def _install_plugin(root: Path, module: str, source: str) -> None:
     (info / "entry_points.txt").write_text(f"[kdgqa.schemes]\n{module} = {module}\n")
 
 
+def _env_with(folder: Path) -> dict[str, str]:
+    """This environment with ``folder`` first on the import path (kdgqa stays importable,
+    installed or from PYTHONPATH=src)."""
+    paths = [str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def test_installed_plugins_are_found_through_entry_points(tmp_path):
     _install_plugin(tmp_path, "kdgqa_plugin_demo", PLUGIN)
-    env = {"PYTHONPATH": str(tmp_path), "PATH": ""}
+    env = _env_with(tmp_path)
     done = subprocess.run([sys.executable, "-m", "kdgqa.cli", "schemes", "--names"],
                           capture_output=True, text=True, timeout=300, env=env, check=False)
     assert done.returncode == 0, done.stderr
@@ -166,7 +174,7 @@ def test_installed_plugins_are_found_through_entry_points(tmp_path):
 
 def test_a_broken_plugin_is_named_in_one_line(tmp_path):
     _install_plugin(tmp_path, "kdgqa_plugin_broken", "raise ImportError('no such thing')\n")
-    env = {"PYTHONPATH": str(tmp_path), "PATH": ""}
+    env = _env_with(tmp_path)
     done = subprocess.run([sys.executable, "-m", "kdgqa.cli", "schemes"], capture_output=True,
                           text=True, timeout=300, env=env, check=False)
     assert done.returncode == 2

@@ -17,7 +17,8 @@ HELP = "run a study: MHA pretraining, then scheme x KV heads x seeds, then a rep
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config (default: the embedded digits study)")
+                        help="YAML config (default: the embedded digits study); for your own "
+                        "images see configs/imagefolder-example.yaml and docs/experiments.md")
     parser.add_argument("--output-dir", "-o", default=None, help="override output_dir")
     parser.add_argument("--device", default=None, help="override device (auto, cpu, cuda)")
     parser.add_argument("--resume", action="store_true",

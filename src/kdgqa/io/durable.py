@@ -95,12 +95,18 @@ def atomic_write(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise OutputError(path, _reason(error)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temp file if there is one (its folder may not even exist)."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temps(path: str | Path) -> None:
