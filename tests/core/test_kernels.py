@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+from conftest import require_triton_interpreter
+
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent(
@@ -54,6 +56,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_kernels_match_tensor_ops_in_the_interpreter():
+    require_triton_interpreter()
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from conftest import require_triton_interpreter
 from kdgqa import GroupedQueryAttention
 from kdgqa.core.perturb import PERTURB_METHODS, perturb_rows
 
@@ -241,7 +242,7 @@ TRITON_SCRIPT = textwrap.dedent(
 
 
 def test_triton_kernels_match_in_the_interpreter():
-    pytest.importorskip("triton")
+    require_triton_interpreter()
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)

@@ -24,7 +24,7 @@ from kdgqa.io.durable import CorruptFileError, load_checkpoint, save_checkpoint,
 from kdgqa.study.train import BEST, CHECKPOINT
 
 HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
+SRC = HERE.parents[1] / "src"
 SEED = int(os.environ.get("KDGQA_CRASH_SEED", "5"))
 
 

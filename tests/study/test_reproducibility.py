@@ -15,7 +15,8 @@ REDUCED = ["pretrain.epochs=3", "uptrain.epochs=1", "grid.schemes=[gqa, kdgqa, p
 
 def _study(out: Path, threads: str, *extra: str) -> list[dict[str, object]]:
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    args = [sys.executable, "-m", "kdgqa.cli", "experiment", "-o", str(out), "--no-progress"]
+    args = [sys.executable, "-m", "kdgqa.cli", "experiment", "-o", str(out), "--no-progress",
+            "--device", "cpu"]
     for item in [*REDUCED, *extra]:
         args += ["--set", item]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600,
