@@ -22,6 +22,14 @@ def test_a_healthy_loss_near_zero_that_jumps_30x_is_not_a_divergence():
     assert guard.running is not None and guard.running < 0.01
 
 
+def test_uptraining_a_model_that_fits_its_data_is_not_stopped_by_a_normal_step():
+    # The other reported false stop: the run starts at 0.0033, then a step of 0.095.
+    guard = DivergenceGuard(20.0, chance=math.log(10))
+    _feed(guard, [0.0033] * 78 + [0.09473, 0.004])
+    with pytest.raises(TrainingDiverged, match=r"chance level 2\.303"):
+        guard.check(47.0, 1.0, where="at step 80")  # 20 x ln(10) = 46.05
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_a_non_finite_loss_or_gradient_stops_at_once(bad):
     with pytest.raises(TrainingDiverged, match="not finite"):
@@ -31,7 +39,7 @@ def test_a_non_finite_loss_or_gradient_stops_at_once(bad):
 
 
 def test_a_loss_far_above_the_start_stops():
-    guard = DivergenceGuard(20.0)
+    guard = DivergenceGuard(20.0, chance=math.log(10))
     _feed(guard, [2.0] * WARMUP_STEPS + [1.0] * 10)
     guard.check(39.0, 1.0, where="fine")  # under 20 x the starting loss 2.0
     with pytest.raises(TrainingDiverged, match="loss 1000 at step 9 exceeds 20 x"):

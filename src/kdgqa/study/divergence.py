@@ -1,11 +1,13 @@
 """Stopping a run whose loss blew up, and only then.
 
 A healthy run's loss falls, often close to zero, and then jumps by large factors from step to
-step (0.002 -> 0.06 is a 30x jump and perfectly normal). A guard relative to the running mean
-alone stops such runs at random. A blow-up is a loss that is not finite, or one far above
-what the run started from: the guard compares each loss with ``factor`` times the larger of
-its running mean and the mean loss of the run's first :data:`WARMUP_STEPS` steps, so it never
-fires on a loss that is small in absolute terms.
+step (0.002 -> 0.06 is a 30x jump and perfectly normal; so is 0.003 -> 0.09 when uptraining
+starts from a model that already fits its data). A guard relative to the running mean, or to
+a small starting loss, stops such runs at random. A blow-up is a loss that is not finite, or
+one far above both where the run started and chance level: the guard compares each loss
+with ``factor`` times the largest of its running mean, the mean loss of the run's first
+:data:`WARMUP_STEPS` steps and the loss of a uniform prediction (``ln C`` for C classes), so a
+loss below chance level never stops a run.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class DivergenceGuard:
     """Watches a run's losses (one call per step, in order); raises on a blow-up."""
 
     factor: float
+    #: The loss of a uniform prediction (``ln C``); nothing below ``factor`` times it stops.
+    chance: float = 0.0
     running: float | None = None
     start_sum: float = 0.0
     start_steps: int = 0
@@ -42,7 +46,7 @@ class DivergenceGuard:
         """The largest loss the next step may have (inf while warming up)."""
         if self.start_steps < WARMUP_STEPS or self.running is None:
             return math.inf
-        return self.factor * max(self.running, self.start or 0.0)
+        return self.factor * max(self.running, self.start or 0.0, self.chance)
 
     def check(self, loss: float, grad_norm: float, *, where: str) -> None:
         """Record ``loss``; raise :class:`TrainingDiverged` when it or ``grad_norm`` is not
@@ -53,8 +57,9 @@ class DivergenceGuard:
         limit = self.limit()
         if loss > limit:
             raise TrainingDiverged(
-                f"loss {loss:.4g} {where} exceeds {self.factor:g} x the larger of its running "
-                f"mean {self.running:.4g} and its starting loss {self.start:.4g}")
+                f"loss {loss:.4g} {where} exceeds {self.factor:g} x the largest of its running "
+                f"mean {self.running:.4g}, its starting loss {self.start:.4g} and chance level "
+                f"{self.chance:.4g}")
         if self.start_steps < WARMUP_STEPS:
             self.start_sum += loss
             self.start_steps += 1

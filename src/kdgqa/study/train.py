@@ -234,11 +234,27 @@ def _restore(state: Any, path: Path, recipe: TrainConfig, load: Callable[[Any], 
         ) from None
 
 
+class _NoBar:
+    """What a disabled progress bar needs to do: nothing. (A disabled tqdm still creates a
+    multiprocessing lock, which a grid worker stopped on an error would leave behind.)"""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False,
-                disable=not enabled, dynamic_ncols=True)
+                dynamic_ncols=True)
 
 
 @dataclass
@@ -380,6 +396,8 @@ def train(
                     logits = net(x)
                     loss = F.cross_entropy(logits.float(), y,
                                            label_smoothing=recipe.label_smoothing)
+                if not guard.chance:  # a uniform prediction's loss, known from the logits
+                    guard.chance = math.log(max(2, logits.shape[-1]))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if recipe.grad_clip > 0:

@@ -4,13 +4,15 @@ Each worker (a fresh ``spawn`` process, so nothing of the parent's threads or st
 receives the study's config, the MHA model the grid starts from and the data once, then takes
 runs from a shared queue. A run depends only on its seed, never on which worker runs it or
 when, so the outputs are the same as one process's; they are handed back in grid order, and
-the parent process stays the only one that writes the study's files. A worker's error stops
-the grid with that error; a worker that dies is reported by its exit code.
+the parent process stays the only one that writes the study's files. An error stops the grid
+where one process would have stopped: after every earlier run is handed back, with the first
+failing run's error; a worker that dies is reported by its exit code.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import queue
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,9 +45,10 @@ class WorkerJob:
 
 
 def _worker(jobs: Any, tasks: Any, results: Any) -> None:
-    job: WorkerJob | None = jobs.get()
-    if job is None:
+    payload: bytes | None = jobs.get()
+    if payload is None:
         return
+    job: WorkerJob = pickle.loads(payload)
     torch.set_num_threads(job.threads)
     config = parse_config(job.config)
     config.progress = False  # one bar per process would interleave on the terminal
@@ -69,6 +72,8 @@ class WorkerPool:
         self.workers = workers
         self._context = mp.get_context("spawn")
         self._jobs: Any = None
+        self._tasks: Any = None
+        self._results: Any = None
         self._processes: list[Any] = []
 
     def __enter__(self) -> WorkerPool:
@@ -94,6 +99,9 @@ class WorkerPool:
             for channel in (self._jobs, self._tasks, self._results):
                 channel.close()
                 channel.join_thread()
+            # Drop the queues now: kept alive by a traceback until exit, their semaphores
+            # would be reported as leaked by multiprocessing's resource tracker.
+            self._jobs = self._tasks = self._results = None
         self._processes = []
 
     def run(self, job: WorkerJob, todo: list[tuple[str, RunSpec]]) -> Iterator[RunOutput]:
@@ -102,12 +110,20 @@ class WorkerPool:
             raise RuntimeError("WorkerPool.run needs a started pool of two or more workers")
         for index, (label, spec) in enumerate(todo):
             self._tasks.put((index, label, spec))
+        # Plain pickle, by value: every worker gets its own copy, and nothing is shared that
+        # would have to be cleaned up when a worker is stopped on another's error.
+        payload = pickle.dumps(job)
         for _ in self._processes:
-            self._jobs.put(job)
+            self._jobs.put(payload)
             self._tasks.put(None)
         finished: dict[int, RunOutput] = {}
+        errors: dict[int, BaseException] = {}
         following = 0
         while following < len(todo):
+            if errors and following == min(errors):
+                # Every run before the first failed one is done and handed back: the study
+                # stops where one process would have stopped, with the same error.
+                raise errors[following]
             try:
                 kind, index, payload = self._results.get(timeout=POLL_SECONDS)
             except queue.Empty:
@@ -117,8 +133,9 @@ class WorkerPool:
                                        f"{dead[0].exitcode} before finishing its runs") from None
                 continue
             if kind == "error":
-                raise payload
-            finished[index] = payload
+                errors[index] = payload
+            else:
+                finished[index] = payload
             while following in finished:
                 yield finished.pop(following)
                 following += 1
