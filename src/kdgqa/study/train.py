@@ -18,6 +18,7 @@ import contextlib
 import copy
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -249,7 +250,8 @@ class _NoBar:
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
+    """A progress bar on stderr when it is a terminal and bars are wanted, else nothing."""
+    if not enabled or not sys.stderr.isatty():
         return _NoBar()
     from tqdm.auto import tqdm
 
