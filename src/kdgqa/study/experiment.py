@@ -238,13 +238,20 @@ def run_experiment(
     if ctx.device.type == "cpu":
         threads, why = choose_cpu_threads(config.cpu_threads, parameter_count(base))
         emit(f"cpu threads: {threads} ({why})")
+    todo = [] if pretrain_only else _grid_todo(config, model_heads(base), shard)
+    workers = 1
+    if ctx.device.type == "cpu" and not ctx.distributed:
+        workers, why = choose_workers(config.cpu_workers, threads, len(todo))
+        if workers > 1:
+            emit(f"grid: {len(todo)} runs in {workers} worker processes ({why})")
     ctx.barrier()
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml",
                      [yaml.safe_dump(config_to_dict(config), sort_keys=False).encode()])
         meta = {**environment(), "device": str(ctx.device), "world_size": ctx.world_size,
-                "cpu_threads": threads, "name": config.name, "command": shlex.join(sys.argv),
+                "cpu_threads": threads, "cpu_workers": workers, "name": config.name,
+                "command": shlex.join(sys.argv),
                 "data_name": splits.name, "data": describe_splits(splits),
                 "pretrain_data": (describe_splits(pre_splits) if pre_splits is not splits
                                   else None)}
@@ -252,12 +259,6 @@ def run_experiment(
     env = broadcast_object(environment() if ctx.is_main else None, ctx)
     env["cpu_threads"] = threads
     ctx.barrier()
-    todo = [] if pretrain_only else _grid_todo(config, model_heads(base), shard)
-    workers = 1
-    if ctx.device.type == "cpu" and not ctx.distributed:
-        workers, why = choose_workers(config.cpu_workers, threads, len(todo))
-        if workers > 1:
-            emit(f"grid: {len(todo)} runs in {workers} worker processes ({why})")
     with cpu_threads(threads) if threads is not None else contextlib.nullcontext():
         base = _pretrained_base(config, base, pre_cfg, pre_splits, resume=resume, ctx=ctx,
                                 emit=emit)

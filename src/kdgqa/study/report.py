@@ -277,9 +277,10 @@ def write_report(out_dir: str | Path) -> str:
                  + "; ".join(f"{' = '.join(s)} at {kv} KV heads" for kv, s in same)
                  + "): they trained exactly the same model (a key-driven scheme whose "
                  "allocation never leaves the even split is gqa)."]
-    threads = meta.get("cpu_threads")
+    threads, workers = meta.get("cpu_threads"), meta.get("cpu_workers") or 1
     text += ["", f"Device: {meta.get('device', '?')} x {meta.get('world_size', 1)}"
-             + (f", {threads} CPU thread(s)" if threads else "")
+             + (f", {threads} CPU thread(s) per process" if threads else "")
+             + (f", grid in {workers} worker processes" if workers > 1 else "")
              + f"; commit {meta.get('commit', '?')}; {versions}."]
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "summary.csv", _summary_dicts(summary))
