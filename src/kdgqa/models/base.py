@@ -109,6 +109,15 @@ class ModelFamily(ABC):
         """Pre-logit features (and logits) of ``model`` on images ``x``."""
 
     @abstractmethod
+    def num_classes(self, model: nn.Module) -> int | None:
+        """The classes ``model``'s classifier predicts (None without a classifier)."""
+
+    @abstractmethod
+    def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
+        """Give ``model`` a new classifier for ``num_classes`` classes, drawn from torch's
+        generator (the caller seeds it)."""
+
+    @abstractmethod
     def input_geometry(self, model: nn.Module) -> InputGeometry:
         """Channels, size and normalisation of the inputs ``model`` expects."""
 

@@ -163,6 +163,23 @@ class HFViT(ModelFamily):
         classifier = getattr(hf, "classifier", None)
         return Features(pre_logits, classifier(pre_logits) if classifier is not None else None)
 
+    def num_classes(self, model: nn.Module) -> int | None:
+        if getattr(model, "classifier", None) is None:
+            return None
+        config: Any = getattr(model, "config", None)
+        return int(config.num_labels)
+
+    def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
+        hf: Any = model
+        if getattr(hf, "classifier", None) is None:
+            raise SourceError(f"a {type(model).__name__} has no classifier to reset; use "
+                              "ViTForImageClassification")
+        old = hf.classifier
+        hf.classifier = nn.Linear(hf.config.hidden_size, num_classes).to(
+            device=old.weight.device, dtype=old.weight.dtype)
+        hf.config.num_labels = num_classes
+        hf.num_labels = num_classes
+
     def input_geometry(self, model: nn.Module) -> InputGeometry:
         config: Any = getattr(model, "config", None)
         size = config.image_size

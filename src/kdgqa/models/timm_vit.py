@@ -213,6 +213,14 @@ class TimmViT(ModelFamily):
         hidden = vit.forward_features(x)
         return Features(vit.forward_head(hidden, pre_logits=True), vit.forward_head(hidden))
 
+    def num_classes(self, model: nn.Module) -> int | None:
+        classes = getattr(model, "num_classes", None)
+        return int(classes) if classes else None
+
+    def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
+        vit: Any = model
+        vit.reset_classifier(num_classes)
+
     def input_geometry(self, model: nn.Module) -> InputGeometry:
         vit: Any = model
         patch_embed = getattr(vit, "patch_embed", None)

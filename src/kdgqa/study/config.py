@@ -151,17 +151,23 @@ class ExperimentConfig:
     output_dir: str = "runs/digits-default"
     device: str = "auto"
     #: Intra-op CPU threads for training on the CPU; 0 chooses (one thread for small models,
-    #: which is fastest and bitwise reproducible; see ``kdgqa.study.threads``).
+    #: which is fastest and bitwise reproducible; see ``kdgqa.study.cpu``).
     cpu_threads: int = 0
-    #: Worker processes that run the grid on the CPU; 0 chooses (one per core for a small
-    #: model on one thread; see ``kdgqa.study.cpu``), 1 runs it in this process.
+    #: Worker processes that run the grid on the CPU; 0 chooses (one more than the cores for
+    #: a small model on one thread; see ``kdgqa.study.cpu``), 1 runs it in this process.
     cpu_workers: int = 0
+    #: What every grid run does with the MHA model's classifier before it is converted:
+    #: ``keep`` it (in-domain uptraining, the GQA paper's protocol: accuracy right after
+    #: conversion is then meaningful), ``reset`` it to a new one drawn with the run's seed
+    #: (transfer to another task), or ``auto``: keep it when the label space is the same
+    #: (same classes as the pretraining data, or as many as a pretrained model predicts).
+    classifier: Literal["auto", "keep", "reset"] = "auto"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig | None = None
     #: Data for MHA pretraining when it differs from ``data`` (e.g. Tiny ImageNet, then
-    #: CIFAR-10); the classifier head is re-initialised for ``data``'s classes afterwards.
+    #: CIFAR-10); see ``classifier`` for what happens to the classifier then.
     pretrain_data: DataConfig | None = None
     uptrain: TrainConfig = field(default_factory=TrainConfig)
     grid: GridConfig = field(default_factory=GridConfig)

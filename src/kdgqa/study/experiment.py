@@ -37,6 +37,7 @@ from kdgqa.io.checkpoint import load, save_pretrained
 from kdgqa.io.durable import append_jsonl, atomic_write, read_jsonl, replace_dir
 from kdgqa.io.sources import load_model
 from kdgqa.models.locate import attention_heads, kv_cache_bytes_per_token
+from kdgqa.models.registry import family_of
 from kdgqa.models.timm_vit import create_timm_vit
 from kdgqa.study.config import (
     DataConfig,
@@ -61,6 +62,7 @@ from kdgqa.version import __version__
 
 __all__ = [
     "RunSpec",
+    "classifier_plan",
     "environment",
     "grid_runs",
     "kv_cache_bytes_per_token",
@@ -115,16 +117,42 @@ def _build_base(config: ExperimentConfig, channels: int, num_classes: int) -> nn
     m = config.model
     if m.pretrained:
         # Checkpoints may be stored in bf16 to travel light; training needs fp32 masters.
-        model = load_model(m.pretrained).float()
-        reset = getattr(model, "reset_classifier", None)
-        if reset is not None and getattr(model, "num_classes", num_classes) != num_classes:
-            reset(num_classes)
-        return model
+        # Its classifier stays as it is: each grid run keeps or resets it (classifier_plan).
+        return load_model(m.pretrained).float()
     return create_timm_vit(
         img_size=config.data.image_size, patch_size=m.patch_size, in_chans=channels,
         num_classes=num_classes, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
         mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate,
     )
+
+
+def classifier_plan(config: ExperimentConfig, base: nn.Module, pretrained_on: DataSplits,
+                    splits: DataSplits) -> tuple[int | None, str]:
+    """What every grid run does with ``base``'s classifier: the class count to reset it to
+    (None: keep it), and why, for the log. ``pretrained_on`` is the data ``base`` was
+    pretrained on here (``splits`` itself when there is no separate pretraining data)."""
+    family = family_of(base)
+    classes = family.num_classes(base) if family is not None else None
+    if config.pretrain is not None:
+        same = pretrained_on.classes == splits.classes
+        why = ("the pretraining data has the same classes" if same else
+               f"pretrained on {pretrained_on.name}'s {pretrained_on.num_classes} classes, "
+               f"uptrained on {splits.name}'s {splits.num_classes}")
+    else:
+        same = classes == splits.num_classes
+        why = (f"the pretrained model predicts {classes} classes, "
+               f"{'as' if same else 'not'} {splits.num_classes} like {splits.name}")
+    if config.classifier == "keep":
+        if not same:
+            raise ConfigError(f"classifier: keep, but {why}; use classifier: reset (or auto)")
+        return None, f"kept (classifier: keep; {why})"
+    if config.classifier == "reset":
+        return splits.num_classes, ("a new one per run, drawn with the run's seed "
+                                    "(classifier: reset)")
+    if same:
+        return None, f"kept: {why} (classifier: auto)"
+    return splits.num_classes, (f"a new one per run, drawn with the run's seed: {why} "
+                                "(classifier: auto)")
 
 
 def _architecture_only(source: str, load: Callable[[str], nn.Module]) -> nn.Module:
@@ -232,12 +260,20 @@ def run_experiment(
         pre_cfg = config.pretrain_data
         pre_splits = load_splits(pre_cfg, seed=config.seed).to(ctx.device)
         emit(f"pretrain data: {describe_splits(pre_splits)}")
+        if pre_splits.channels != splits.channels:
+            raise ConfigError(f"pretrain_data ({pre_splits.name}) has {pre_splits.channels}-"
+                              f"channel images but data ({splits.name}) has {splits.channels}; "
+                              "the patch embedding is shared, so they must match")
     torch.manual_seed(config.seed)
     base = _build_base(config, pre_splits.channels, pre_splits.num_classes).to(ctx.device)
     threads: int | None = None
     if ctx.device.type == "cpu":
         threads, why = choose_cpu_threads(config.cpu_threads, parameter_count(base))
         emit(f"cpu threads: {threads} ({why})")
+    reset_to: int | None = None
+    if not pretrain_only:
+        reset_to, why = classifier_plan(config, base, pre_splits, splits)
+        emit(f"classifier: {why}")
     todo = [] if pretrain_only else _grid_todo(config, model_heads(base), shard)
     workers = 1
     if ctx.device.type == "cpu" and not ctx.distributed:
@@ -265,20 +301,17 @@ def run_experiment(
         if pretrain_only:
             emit(f"pretrained model: {out / 'pretrain' / 'model'}")
             return out
-        if pre_splits is not splits:
-            torch.manual_seed(config.seed)
-            base.reset_classifier(splits.num_classes)  # type: ignore[operator]
-            base.to(ctx.device)
         # Workers start only now: started before pretraining, their imports slowed it down
         # more than they saved (measured on two shared cores).
         with WorkerPool(workers) as pool:
             outputs: Iterable[RunOutput]
             if workers > 1:
                 outputs = pool.run(WorkerJob(config_to_dict(config), base, splits, env, resume,
-                                             threads or 1), todo)
+                                             threads or 1, reset_to), todo)
             else:
                 outputs = (execute_run(config, base, splits, spec, label=label, env=env,
-                                       resume=resume, ctx=ctx) for label, spec in todo)
+                                       resume=resume, ctx=ctx, reset_classifier=reset_to)
+                           for label, spec in todo)
             _commit_runs(config, outputs, ctx=ctx, emit=emit)
     if ctx.is_main:
         table = write_report(out)

@@ -62,6 +62,9 @@ class SummaryRow:
     seeds: tuple[int, ...] = ()
     seed_accs: tuple[float, ...] = ()
     seed_converted_accs: tuple[float, ...] = ()
+    #: True when every run started from a new classifier (a transfer study): accuracy right
+    #: after conversion is then chance level by construction and says nothing.
+    new_classifier: bool = False
 
     @property
     def outcome(self) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
@@ -141,6 +144,7 @@ def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa") -> list[Su
             train_img_per_s=sum(r["train_img_per_s"] for r in runs) / len(runs),
             seeds=tuple(sorted(by_seed)), seed_accs=tuple(accs),
             seed_converted_accs=tuple(r["converted_test_acc"] for r in runs),
+            new_classifier=all(r.get("classifier") == "reset" for r in runs),
         ))
     return out
 
@@ -187,6 +191,10 @@ def _delta(d: PairedInterval | None) -> str:
     return f"{100 * d.mean:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
 
 
+def _converted(r: SummaryRow) -> str:
+    return "— (new classifier)" if r.new_classifier else _pct(r.converted_acc_mean)
+
+
 def markdown_table(summary: Sequence[SummaryRow], merge: bool = True,
                    reference: str = "gqa") -> str:
     """The study's headline table (accuracies in %). With ``merge``, schemes whose results
@@ -213,7 +221,7 @@ def markdown_table(summary: Sequence[SummaryRow], merge: bool = True,
         lines.append(
             f"| {' = '.join(o.scheme for o in same)} | {r.kv_heads}/{r.num_heads} | "
             f"{r.n_seeds} | {_pct(r.acc_mean)} ± {_pct(r.acc_std)} | {delta} | "
-            f"{_pct(r.converted_acc_mean)} | {r.params:,} | {r.kv_cache_bytes_per_token:,} | "
+            f"{_converted(r)} | {r.params:,} | {r.kv_cache_bytes_per_token:,} | "
             f"{r.train_img_per_s:,.0f} |"
         )
     return "\n".join(lines)
@@ -268,8 +276,9 @@ def write_report(out_dir: str | Path) -> str:
              "the validation split, mean ± sample std over seeds. *Δ vs gqa* is the scheme "
              "minus gqa at the same number of KV heads, paired by seed (same data order and "
              "draws), with a Student-t 95 % interval. *acc after conversion* is the test "
-             "accuracy right after conversion, before any uptraining (chance level when the "
-             "classifier is newly initialised for a new task). KV-cache bytes per token are "
+             "accuracy right after conversion, before any uptraining; where every run got a new "
+             "classifier for a new task it is chance level by construction and shown as `—`. "
+             "KV-cache bytes per token are "
              "summed over layers in bf16; *train img/s* is the uptraining throughput."]
     same = _identical_cells(summary)
     if same:

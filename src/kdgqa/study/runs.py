@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from kdgqa.conversion.converter import convert
+from kdgqa.errors import ConfigError
 from kdgqa.models.locate import attention_heads, kv_cache_bytes_per_token
+from kdgqa.models.registry import family_of
 from kdgqa.study.calibration_images import calibration_arguments
 from kdgqa.study.config import DataConfig, ExperimentConfig, resolve_scheme
 from kdgqa.study.data import Augment, Batches, DataSplits
@@ -81,13 +83,22 @@ def make_batches(d: DataConfig, splits: DataSplits, batch_size: int, seed: int,
 
 
 def execute_run(config: ExperimentConfig, base: nn.Module, splits: DataSplits, spec: RunSpec,
-                *, label: str, env: dict[str, Any], resume: bool, ctx: DistContext
-                ) -> RunOutput:
+                *, label: str, env: dict[str, Any], resume: bool, ctx: DistContext,
+                reset_classifier: int | None = None) -> RunOutput:
     """Convert a copy of ``base`` for ``spec``, uptrain and evaluate it; nothing is written
-    but the run's own checkpoints under ``OUTPUT/runs/<run_id>/``."""
+    but the run's own checkpoints under ``OUTPUT/runs/<run_id>/``.
+
+    ``reset_classifier``: give the copy a new classifier for that many classes first, drawn
+    with the run's seed, so each seed of a transfer study has its own (None: keep it).
+    """
     out = Path(config.output_dir)
     torch.manual_seed(spec.seed)
     model = copy.deepcopy(base)
+    if reset_classifier is not None:
+        family = family_of(model)
+        if family is None:
+            raise ConfigError(f"cannot give a {type(model).__name__} a new classifier")
+        family.reset_classifier(model, reset_classifier)
     scheme, options = resolve_scheme(config.grid, spec.scheme)
     if scheme != "mha":
         # Calibrated schemes measure the first training images (no augmentation).
@@ -101,7 +112,8 @@ def execute_run(config: ExperimentConfig, base: nn.Module, splits: DataSplits, s
     test = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
     heads = attention_heads(model)
     row = _result_row(spec, heads, model, res, converted, test, env, ctx)
-    row.update(base_scheme=scheme, scheme_options=options)
+    row.update(base_scheme=scheme, scheme_options=options,
+               classifier="reset" if reset_classifier is not None else "kept")
     ids = {"run_id": spec.run_id}
     return RunOutput(
         spec, row,

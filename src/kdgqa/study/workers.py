@@ -42,6 +42,7 @@ class WorkerJob:
     env: dict[str, Any]
     resume: bool
     threads: int
+    reset_classifier: int | None = None
 
 
 def _worker(jobs: Any, tasks: Any, results: Any) -> None:
@@ -57,7 +58,8 @@ def _worker(jobs: Any, tasks: Any, results: Any) -> None:
         index, label, spec = task
         try:
             output = execute_run(config, job.base, job.splits, spec, label=label, env=job.env,
-                                 resume=job.resume, ctx=ctx)
+                                 resume=job.resume, ctx=ctx,
+                                 reset_classifier=job.reset_classifier)
         except Exception as error:  # handed to the parent, which raises it
             results.put(("error", index, error))
             return
