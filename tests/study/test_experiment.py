@@ -185,8 +185,8 @@ def test_keeping_a_classifier_of_other_classes_is_refused_before_writing(tmp_pat
     raw = _raw(tmp_path / "s")
     raw.update(pretrain_data={"name": "digits", "image_size": 8}, classifier="keep",
                data={"name": "imagefolder", "root": str(tmp_path / "three"), "image_size": 8})
-    with pytest.raises(ConfigError, match="pretrain_data .digits. has 1-channel images but "
-                       "data .imagefolder. has 3"):
+    with pytest.raises(ConfigError, match=r"pretrain_data \(digits\) has 1-channel images but "
+                       r"data \(imagefolder\) has 3"):
         run_experiment(parse_config(raw), log=None)
     _image_tree(tmp_path / "five", classes=5)
     raw["pretrain_data"] = {"name": "imagefolder", "root": str(tmp_path / "five"),
