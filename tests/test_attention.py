@@ -122,7 +122,7 @@ BAD_ARGUMENTS = [
     (dict(dim=48, num_heads=6, num_kv_heads=4, scheme="pgqa"), "valid num_kv_heads: [1, 2, 3, 6]"),
     (dict(dim=48, num_heads=6, num_kv_heads=3, scheme="gqa2"), "unknown scheme 'gqa2'; valid schemes: mha, mqa, gqa"),
     (dict(dim=48, num_heads=6, num_kv_heads=3, scheme="kdgqa", window_size=3),
-     "unknown option 'window_size' for scheme 'kdgqa'; valid options: min_queries, reference"),
+     "unknown option 'window_size' for scheme 'kdgqa'; valid options: gain, min_queries, reference"),
     (dict(dim=48, num_heads=6, num_kv_heads=3, scheme="dgqa-ema", window_size=0), "window_size must be an integer >= 1, got 0"),
     (dict(dim=48, num_heads=6, num_kv_heads=3, scheme="kdgqa", min_queries=3), "min_queries must be an integer in [0, 2]"),
     (dict(dim=48, num_heads=6, num_kv_heads=1, scheme="kdgqa", reference=True), "undefined for num_kv_heads=1"),

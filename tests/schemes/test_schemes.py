@@ -163,3 +163,35 @@ def test_stats_reducer_sees_batch_norms_and_drives_the_allocation():
     assert torch.bincount(module.last_kv_index, minlength=KV).tolist() == [4, 1, 1]
     set_stats_reducer(module, None)
     assert isinstance(build_allocator("dgqa-ema", HEADS, KV), DGQAAllocator)
+
+
+def _keys_with_norm_ratio(ratio: float, batch: int = 2) -> torch.Tensor:
+    """Keys (B, G=2, N, D) whose KV head 0 has ``ratio`` times head 1's Frobenius norm."""
+    k = torch.ones(batch, 2, 4, 8)
+    k[:, 0] *= ratio
+    return k
+
+
+@pytest.mark.parametrize("scheme", ["kdgqa", "kdgqa-ps", "dgqa-ema"])
+def test_gain_sharpens_shares_so_a_small_norm_lead_can_move_a_head(scheme):
+    k = _keys_with_norm_ratio(1.3)  # 57 % of the norm: below the 62.5 % a move needs at H=6
+    options = {"window_size": 1} if scheme.startswith("dgqa") else {}
+    plain = build_allocator(scheme, 6, 2, **options).train()
+    sharp = build_allocator(scheme, 6, 2, gain=4.0, **options).train()  # 1.3**4 = 2.86 -> 74 %
+    def counts(a):
+        return torch.bincount(a(k).reshape(-1, 6)[0], minlength=2).tolist()
+    assert counts(plain) == [3, 3]
+    assert counts(sharp) == [4, 2]
+    default = build_allocator(scheme, 6, 2, gain=1.0, **options).train()
+    assert counts(default) == counts(build_allocator(scheme, 6, 2, **options).train())
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"gain": 0}, "gain must be a number in"),
+    ({"gain": float("inf")}, "gain must be a number in"),
+    ({"gain": True}, "gain must be a number in"),
+    ({"gain": 2.0, "reference": True}, "gain applies to the sound allocation"),
+])
+def test_bad_gain_is_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_allocator("kdgqa", 6, 2, **options)

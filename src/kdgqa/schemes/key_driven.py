@@ -4,6 +4,7 @@ every rank allocate from the global batch."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -40,6 +41,12 @@ class KeyDrivenAllocator(QueryAllocator):
     ``stats_reducer``, when set (``kdgqa.set_stats_reducer``), is applied to the batch-summed
     key norms before they are used, e.g. an all-reduce so every data-parallel rank allocates
     from the global batch and all ranks agree.
+
+    Option ``gain`` (sound mode only, default 1): query heads are shared in proportion to
+    ``score ** gain`` instead of ``score``. Mean-pooled KV heads have similar key norms, and
+    proportional shares then never pass a rounding threshold (for H = 6, G = 2 one head needs
+    62.5 % of the norm to win a query head with ``min_queries=1``): a gain above 1 sharpens
+    the shares so the allocation can move at all; 1 is the paper's proportionality.
     """
 
     key_driven = True
@@ -48,7 +55,21 @@ class KeyDrivenAllocator(QueryAllocator):
     def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
         super().__init__(num_heads, num_kv_heads, **options)
         check_min_queries(self.name, self.options["min_queries"], num_heads, num_kv_heads)
+        gain = self.options.get("gain", 1.0)
+        if isinstance(gain, bool) or not isinstance(gain, int | float) or not (
+            0 < gain <= 64 and math.isfinite(gain)
+        ):
+            raise SchemeError(f"scheme {self.name!r}: gain must be a number in (0, 64], got "
+                              f"{gain!r}")
+        if gain != 1 and self.options.get("reference", False):
+            raise SchemeError(f"scheme {self.name!r}: gain applies to the sound allocation; "
+                              "the reference arithmetic has none (use reference=False)")
         self.stats_reducer: Callable[[Tensor], Tensor] | None = None
+
+    def sharpen(self, scores: Tensor) -> Tensor:
+        """``scores ** gain`` (scores unchanged for the default gain 1)."""
+        gain = self.options.get("gain", 1.0)
+        return scores if gain == 1 else scores.float().pow(float(gain))
 
     def dynamic_reason(self) -> str:
         return (f"scheme {self.name!r} chooses its allocation from the keys on every input, so "
@@ -71,7 +92,7 @@ class KDGQAAllocator(KeyDrivenAllocator):
     """
 
     name = "kdgqa"
-    option_defaults = MappingProxyType({"reference": False, "min_queries": 1})
+    option_defaults = MappingProxyType({"reference": False, "min_queries": 1, "gain": 1.0})
 
     def __init__(self, num_heads: int, num_kv_heads: int, **options: Any) -> None:
         super().__init__(num_heads, num_kv_heads, **options)
@@ -88,10 +109,11 @@ class KDGQAAllocator(KeyDrivenAllocator):
                 norms = self.stats_reducer(norms)
             counts = torch.tensor(reference_kdgqa_counts(norms, self.num_heads), device=k.device)
             return counts_to_kv_index(counts, self.num_heads)
-        if self.stats_reducer is None:
+        if self.stats_reducer is None and self.options["gain"] == 1:
+            # The batch sum happens inside the fused apportionment.
             scores, reduce_rows = key_norms(k, per_sample=True), True
         else:
-            scores, reduce_rows = self.batch_norms(k)[None], False
+            scores, reduce_rows = self.sharpen(self.batch_norms(k))[None], False
         _, kv_index = apportion(scores, self.num_heads, self.options["min_queries"], reduce_rows)
         return kv_index[0]
 
@@ -120,7 +142,7 @@ class DGQAAllocator(KeyDrivenAllocator):
 
     flavour: ClassVar[str] = "ema"
     option_defaults = MappingProxyType(
-        {"reference": False, "min_queries": 1, "window_size": 300, "beta": 0.9}
+        {"reference": False, "min_queries": 1, "window_size": 300, "beta": 0.9, "gain": 1.0}
     )
     step: Tensor
     updates: Tensor
@@ -177,7 +199,8 @@ class DGQAAllocator(KeyDrivenAllocator):
             scores = tracked
         else:
             scores = torch.where(first, norms, (norms - self.cache).abs())
-        counts, kv_index = apportion(scores[None], self.num_heads, self.options["min_queries"])
+        counts, kv_index = apportion(self.sharpen(scores)[None], self.num_heads,
+                                     self.options["min_queries"])
         # A batch with non-finite key norms (NaN/inf inputs) is skipped on the device: it
         # would otherwise leave NaN in the cache and freeze the allocation for good.
         finite = torch.isfinite(norms).all()
@@ -270,10 +293,10 @@ class PerSampleKDGQAAllocator(KeyDrivenAllocator):
     """
 
     name = "kdgqa-ps"
-    option_defaults = MappingProxyType({"min_queries": 1})
+    option_defaults = MappingProxyType({"min_queries": 1, "gain": 1.0})
 
     def forward(self, k: Tensor) -> Tensor:
-        scores = key_norms(k, per_sample=True)
+        scores = self.sharpen(key_norms(k, per_sample=True))
         _, kv_index = apportion(scores, self.num_heads, self.options["min_queries"])
         return kv_index
 
