@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kdgqa.study.report import markdown_table, paired_interval, summarize, write_report
@@ -85,3 +86,40 @@ def test_plot_axes_are_zoomed_to_the_data() -> None:
     low, high = _limits([88.0, 95.5, 94.0])
     assert 85 < low < 88 and 95.5 < high < 98
     assert _limits([0.2, 1.0]) == (0.0, 1.5) and _limits([99.8]) == (99.3, 100.0)
+
+
+def test_uneven_share_is_the_manipulation_check_of_key_driven_arms() -> None:
+    from kdgqa.study.report import uneven_shares
+
+    alloc = [{"scheme": "kdgqa", "kv_heads": 2, "counts": c} for c in ([3, 3], [4, 2], [3, 3],
+                                                                       [3, 3])]
+    alloc += [{"scheme": "kdgqa-ps", "kv_heads": 2, "counts": [3, 3],
+               "input_counts": [{"counts": [3, 3], "share": 0.75},
+                                {"counts": [2, 4], "share": 0.25}]}]
+    alloc += [{"scheme": "dgqa-ema", "kv_heads": 4, "counts": [2, 2, 1, 1]}]  # H=6, G=4 even
+    assert uneven_shares(alloc) == {("kdgqa", 2): 0.25, ("kdgqa-ps", 2): 0.25,
+                                    ("dgqa-ema", 4): 0.0}
+
+
+def test_an_arm_that_never_moved_reads_as_the_reference_not_as_a_delta() -> None:
+    rows = [_row("gqa", 2, s, 0.6 + 0.01 * s) for s in range(3)]
+    rows += [_row("kdgqa", 2, s, 0.6 + 0.012 * s) for s in range(3)]  # differs by noise only
+    alloc = [{"scheme": "kdgqa", "kv_heads": 2, "counts": [2, 2]}]
+    table = markdown_table(summarize(rows, allocation=alloc))
+    assert "| kdgqa | 2/4 | 3 |" in table and "= gqa (never moved)" in table
+
+
+def test_minimum_detectable_effect_follows_the_median_pair_noise() -> None:
+    from scipy import stats
+
+    from kdgqa.study.report import minimum_detectable_effect
+
+    rows = [_row("gqa", 2, s, 0.5) for s in range(5)]
+    rows += [_row("a", 2, s, 0.5 + d) for s, d in enumerate([0.01, -0.01, 0.02, 0.0, -0.02])]
+    rows += [_row("b", 2, s, 0.5) for s in range(5)]  # identical to gqa: no pair noise
+    rows += [_row("c", 2, s, 0.5 + d) for s, d in enumerate([0.3, -0.3, 0.2, 0.0, -0.2])]
+    rows += [_row("e", 2, s, 0.5 + d) for s, d in enumerate([0.001, 0.0, 0.002, 0.0, -0.001])]
+    mde = minimum_detectable_effect(summarize(rows))
+    sd = float(np.std([0.01, -0.01, 0.02, 0.0, -0.02], ddof=1))  # the median of a, c, e
+    expected = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * sd / math.sqrt(5)
+    assert mde == {2: (pytest.approx(expected), 5)}

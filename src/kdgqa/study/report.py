@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kdgqa.core.apportion import even_counts
 from kdgqa.errors import KdgqaError
 from kdgqa.io.durable import read_jsonl
 from kdgqa.study.plots import write_plots
@@ -29,8 +31,10 @@ __all__ = [
     "load_jsonl",
     "markdown_table",
     "merge_studies",
+    "minimum_detectable_effect",
     "paired_interval",
     "summarize",
+    "uneven_shares",
     "write_report",
 ]
 
@@ -43,6 +47,8 @@ class PairedInterval:
     low: float
     high: float
     n: int
+    #: Sample standard deviation of the per-seed differences (the pair noise).
+    sd: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -65,17 +71,16 @@ class SummaryRow:
     #: True when every run started from a new classifier (a transfer study): accuracy right
     #: after conversion is then chance level by construction and says nothing.
     new_classifier: bool = False
+    #: Mean validation loss of the chosen checkpoints.
+    val_loss_mean: float = math.nan
+    #: Key-driven arms: the share of logged (layer, step) maps that left the even split (for
+    #: per-input maps, the share of inputs); None for schemes with a fixed map.
+    uneven_share: float | None = None
 
     @property
     def outcome(self) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
         """What two cells must share to be the same result: seeds and every accuracy."""
         return self.seeds, self.seed_accs, self.seed_converted_accs
-
-
-def _t975(df: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, df))
 
 
 def paired_interval(values: Sequence[float], reference: Sequence[float]) -> PairedInterval:
@@ -92,8 +97,37 @@ def paired_interval(values: Sequence[float], reference: Sequence[float]) -> Pair
     if n < 2:
         return PairedInterval(mean, -math.inf, math.inf, n)
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = _t975(n - 1) * sd / math.sqrt(n)
-    return PairedInterval(mean, mean - half, mean + half, n)
+    half = _t(0.975, n - 1) * sd / math.sqrt(n)
+    return PairedInterval(mean, mean - half, mean + half, n, sd)
+
+
+def _t(quantile: float, df: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(quantile, df))
+
+
+def minimum_detectable_effect(summary: Sequence[SummaryRow], power: float = 0.8
+                              ) -> dict[int, tuple[float, int]]:
+    """Per KV-head count: the smallest true paired difference to the reference this design
+    detects with ``power`` in a two-sided 5 % test, and the number of pairs.
+
+    The pair noise ``sd`` is the median over the arms whose differences vary (identical
+    arms carry none; a median, because a few erratic arms, such as the paper's reference
+    arithmetic, would otherwise set the design's sensitivity for all):
+    ``(t_0.975 + t_power) * sd / sqrt(n)`` with ``n - 1`` degrees of freedom.
+    """
+    pooled: dict[int, list[PairedInterval]] = defaultdict(list)
+    for r in summary:
+        d = r.delta_vs_gqa
+        if d is not None and d.n >= 2 and d.sd > 0:
+            pooled[r.kv_heads].append(d)
+    out = {}
+    for kv, deltas in pooled.items():
+        n = min(d.n for d in deltas)
+        sd = statistics.median(d.sd for d in deltas)
+        out[kv] = ((_t(0.975, n - 1) + _t(power, n - 1)) * sd / math.sqrt(n), n)
+    return dict(sorted(out.items()))
 
 
 def _std(values: Sequence[float]) -> float:
@@ -111,8 +145,25 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
-def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa") -> list[SummaryRow]:
-    """One row per (scheme, G), ordered by G then scheme as first seen."""
+def uneven_shares(allocation: Sequence[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """Per (scheme, G): the share of logged maps that were not the even split (the
+    manipulation check of a key-driven arm: 0 means it never moved and is the reference)."""
+    totals: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for a in allocation:
+        counts = [int(c) for c in a["counts"]]
+        even = even_counts(sum(counts), len(counts))
+        maps = a.get("input_counts") or [{"counts": counts, "share": 1.0}]
+        uneven = sum(float(m["share"]) for m in maps
+                     if [int(c) for c in m["counts"]] != even)
+        totals[(a["scheme"], int(a["kv_heads"]))].append(uneven)
+    return {key: sum(v) / len(v) for key, v in totals.items()}
+
+
+def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa",
+              allocation: Sequence[dict[str, Any]] = ()) -> list[SummaryRow]:
+    """One row per (scheme, G), ordered by G then scheme as first seen; ``allocation`` (the
+    study's allocation log) gives key-driven arms their uneven-map share."""
+    shares = uneven_shares(allocation)
     cells: dict[tuple[str, int], dict[int, dict[str, Any]]] = defaultdict(dict)
     order: list[tuple[str, int]] = []
     for row in rows:
@@ -145,6 +196,8 @@ def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa") -> list[Su
             seeds=tuple(sorted(by_seed)), seed_accs=tuple(accs),
             seed_converted_accs=tuple(r["converted_test_acc"] for r in runs),
             new_classifier=all(r.get("classifier") == "reset" for r in runs),
+            val_loss_mean=sum(float(r.get("best_val_loss", math.nan)) for r in runs) / len(runs),
+            uneven_share=shares.get((scheme, kv)),
         ))
     return out
 
@@ -198,12 +251,13 @@ def _converted(r: SummaryRow) -> str:
 def markdown_table(summary: Sequence[SummaryRow], merge: bool = True,
                    reference: str = "gqa") -> str:
     """The study's headline table (accuracies in %). With ``merge``, schemes whose results
-    are identical in every seed at a KV-head count share one row (``gqa = kdgqa``)."""
+    are identical in every seed at a KV-head count share one row (``gqa = kdgqa``); a
+    key-driven arm whose maps never left the even split reads ``= gqa (never moved)``."""
     lines = [
         "| scheme | KV heads | seeds | test acc % (mean ± std) | Δ vs gqa, same G "
-        "(paired 95 % CI) | acc after conversion % | params | KV-cache B/token (bf16) "
-        "| train img/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(paired 95 % CI) | acc after conversion % | val loss | uneven maps % | params "
+        "| KV-cache B/token (bf16) | train img/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     shown: set[tuple[str, int]] = set()
     for r in summary:
@@ -216,13 +270,18 @@ def markdown_table(summary: Sequence[SummaryRow], merge: bool = True,
         first = same[0]
         if len(same) > 1 and first.scheme == reference:
             delta = f"identical to {reference} in every seed"
+        elif first.uneven_share == 0.0:
+            delta = f"= {reference} (never moved)"
         else:
             delta = _delta(first.delta_vs_gqa)
+        moved = [o.uneven_share for o in same if o.uneven_share is not None]
+        uneven = f"{100 * max(moved):.1f}" if moved else "—"
         lines.append(
             f"| {' = '.join(o.scheme for o in same)} | {r.kv_heads}/{r.num_heads} | "
             f"{r.n_seeds} | {_pct(r.acc_mean)} ± {_pct(r.acc_std)} | {delta} | "
-            f"{_converted(r)} | {r.params:,} | {r.kv_cache_bytes_per_token:,} | "
-            f"{r.train_img_per_s:,.0f} |"
+            f"{_converted(r)} | {r.val_loss_mean:.4f} | "
+            f"{uneven} | "
+            f"{r.params:,} | {r.kv_cache_bytes_per_token:,} | {r.train_img_per_s:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -257,7 +316,8 @@ def write_report(out_dir: str | Path) -> str:
     rows = load_jsonl(out / "results.jsonl")
     if not rows:
         raise KdgqaError(f"no results in {out / 'results.jsonl'}")
-    summary = summarize(rows)
+    allocation = load_jsonl(out / "allocation.jsonl")
+    summary = summarize(rows, allocation=allocation)
     merged = identical_schemes(summary)
     table = markdown_table(summary)
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
@@ -278,8 +338,17 @@ def write_report(out_dir: str | Path) -> str:
              "draws), with a Student-t 95 % interval. *acc after conversion* is the test "
              "accuracy right after conversion, before any uptraining; where every run got a new "
              "classifier for a new task it is chance level by construction and shown as `—`. "
-             "KV-cache bytes per token are "
+             "*val loss* is the validation loss of the chosen checkpoint; *uneven maps* is, "
+             "for key-driven arms, the share of logged (layer, step) maps that left the even "
+             "split (0: the arm never moved and is the reference). KV-cache bytes per token are "
              "summed over layers in bf16; *train img/s* is the uptraining throughput."]
+    mde = minimum_detectable_effect(summary)
+    if mde:
+        text += ["", "Power: the smallest true difference to gqa this design detects 80 % of "
+                 "the time (two-sided 5 % paired test; pair noise: the median over the arms whose "
+                 "differences vary): " + "; ".join(
+                     f"{100 * effect:.2f} points at {kv} KV heads ({n} seeds)"
+                     for kv, (effect, n) in mde.items()) + "."]
     same = _identical_cells(summary)
     if same:
         text += ["", "Rows joined by `=` are schemes with identical results in every seed ("
@@ -294,7 +363,7 @@ def write_report(out_dir: str | Path) -> str:
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "summary.csv", _summary_dicts(summary))
     subject = str(meta.get("data_name") or "")
-    write_plots(out, summary, merged, load_jsonl(out / "allocation.jsonl"), subject)
+    write_plots(out, summary, merged, allocation, subject)
     plots = sorted(p.name for p in out.glob("*.png"))
     text += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in plots)]
     (out / "report.md").write_text("\n".join(text) + "\n")
