@@ -68,15 +68,16 @@ def test_training_learns_digits(tmp_path: Path) -> None:
     assert result.images_per_s > 0 and (tmp_path / "checkpoint.pt").is_file()
 
 
-@pytest.mark.parametrize(("scheme", "options"), [
-    ("dgqa-diff", {"window_size": 3}),  # DGQA buffers must be restored
-    ("pgqa", {}),  # global RNG (the noise) must be restored
+@pytest.mark.parametrize(("scheme", "options", "mixing"), [
+    ("dgqa-diff", {"window_size": 3}, {}),  # DGQA buffers must be restored
+    ("pgqa", {}, {}),  # global RNG (the noise) must be restored
+    ("gqa", {}, {"mixup": 0.8, "cutmix": 1.0, "mix_prob": 0.7}),  # draws keyed by the step
 ])
 def test_resume_continues_from_the_exact_step(
-    digits: DataSplits, tmp_path: Path, scheme: str, options: dict
+    digits: DataSplits, tmp_path: Path, scheme: str, options: dict, mixing: dict
 ) -> None:
     recipe = TrainConfig(epochs=3, batch_size=32, lr=1e-3, checkpoint_every=5,
-                         allocation_every=2)
+                         allocation_every=2, **mixing)
 
     def fresh() -> nn.Module:
         return convert(_vit(), scheme, 2, **options)

@@ -109,6 +109,11 @@ class TrainConfig:
     #: Evaluate on the validation split every this many epochs.
     eval_every: int = 1
     label_smoothing: float = 0.0
+    #: Mixup and CutMix Beta alphas (0: off); each batch is mixed with probability
+    #: ``mix_prob``, by one of the two at random when both are on (``kdgqa.study.mixing``).
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
     compile: bool = False
     #: bf16 autocast; only takes effect on CUDA.
     amp: bool = True
@@ -420,6 +425,11 @@ def _check_recipe(name: str, r: TrainConfig) -> None:
     _require(0 <= r.label_smoothing < 1,
              f"{name}.label_smoothing must be in [0, 1), got {r.label_smoothing}")
     _require(r.explode_factor > 1, f"{name}.explode_factor must be > 1, got {r.explode_factor}")
+    for key in ("mixup", "cutmix"):
+        _require(0 <= getattr(r, key) <= 10,
+                 f"{name}.{key} must be in [0, 10] (a Beta alpha; 0 is off), got "
+                 f"{getattr(r, key)}")
+    _require(0 <= r.mix_prob <= 1, f"{name}.mix_prob must be in [0, 1], got {r.mix_prob}")
     _require(r.sync_every >= 1, f"{name}.sync_every must be >= 1, got {r.sync_every}")
     _require(r.allocation_every >= 0,
              f"{name}.allocation_every must be >= 0 (0 disables), got {r.allocation_every}")

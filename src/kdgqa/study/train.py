@@ -36,6 +36,7 @@ from kdgqa.study.config import TrainConfig, config_to_dict
 from kdgqa.study.data import Batches
 from kdgqa.study.distributed import DistContext, all_reduce_sum, sync_key_statistics
 from kdgqa.study.divergence import DivergenceGuard, TrainingDiverged
+from kdgqa.study.mixing import mix_batch
 
 __all__ = [
     "CorruptFileError",
@@ -394,10 +395,21 @@ def train(
                 if max_steps is not None and pos.global_step >= max_steps:
                     finished = False
                     break
+                mixed = mix_batch(x, y, mixup=recipe.mixup, cutmix=recipe.cutmix,
+                                  prob=recipe.mix_prob, seed=train_batches.seed,
+                                  epoch=pos.epoch, step=pos.step_in_epoch)
                 with _autocast(device, recipe.amp):
-                    logits = net(x)
-                    loss = F.cross_entropy(logits.float(), y,
-                                           label_smoothing=recipe.label_smoothing)
+                    if mixed is None:
+                        logits = net(x)
+                        loss = F.cross_entropy(logits.float(), y,
+                                               label_smoothing=recipe.label_smoothing)
+                    else:
+                        logits = net(mixed.images)
+                        loss = mixed.lam * F.cross_entropy(
+                            logits.float(), mixed.labels,
+                            label_smoothing=recipe.label_smoothing) + (1.0 - mixed.lam) * (
+                            F.cross_entropy(logits.float(), mixed.partner_labels,
+                                            label_smoothing=recipe.label_smoothing))
                 if not guard.chance:  # a uniform prediction's loss, known from the logits
                     guard.chance = math.log(max(2, logits.shape[-1]))
                 optimizer.zero_grad(set_to_none=True)
