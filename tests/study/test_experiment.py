@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from kdgqa.conversion.converter import convert
+from kdgqa.models.locate import kv_cache_bytes_per_token
 from kdgqa.models.timm_vit import create_timm_vit
 from kdgqa.study.config import ConfigError, parse_config
 from kdgqa.study.experiment import (
     grid_progress,
     grid_runs,
-    kv_cache_bytes_per_token,
     run_experiment,
 )
 

@@ -16,3 +16,53 @@ def test_a_worker_error_is_one_line_and_exit_status_1(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdgqa: error: [1/33] mha-g6-s0: loss ")
     assert "stopped without saving" in lines[0]
+
+
+def _spawned_children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == pid and b"multiprocessing" in cmdline and b"spawn_main" in cmdline:
+            children.append(int(entry.name))
+    return children
+
+
+def test_a_worker_killed_from_outside_is_one_line_and_exit_status_1(tmp_path):
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    import pytest
+
+    if not Path("/proc").is_dir():
+        pytest.skip("needs /proc to find the worker processes")
+    args = [sys.executable, "-m", "kdgqa.cli", "experiment", "-o", str(tmp_path / "s"),
+            "--no-progress", "--device", "cpu", "--set", "pretrain.epochs=1",
+            "--set", "uptrain.epochs=30", "--set", "cpu_workers=2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        workers: list[int] = []
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            workers = _spawned_children(proc.pid)
+        assert len(workers) == 2, "the workers never started"
+        time.sleep(2)
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "stopped with exit code -9" in lines[0], err[-2000:]
+    assert "continue with --resume" in lines[0]

@@ -65,13 +65,14 @@ def run(args: argparse.Namespace) -> int:
 
     from kdgqa.study.distributed import init_distributed, shutdown_distributed
     from kdgqa.study.train import TrainingDiverged
+    from kdgqa.study.workers import GridWorkerError
 
     ctx = init_distributed(config.device)
     try:
         run_experiment(config, resume=args.resume, ctx=ctx,
                        log=lambda m: print(m, flush=True),
                        pretrain_only=args.pretrain_only, shard=shard)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, GridWorkerError) as error:
         # Not an input error: the run started and failed, so status 1, still one line.
         print(f"kdgqa: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from kdgqa.attention import GroupedQueryAttention
@@ -91,14 +92,6 @@ def export_mha(model: nn.Module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     try:
         family.save_plain(base, spec, directory)
-    except Exception as error:  # safetensors or transformers writers on a full disk
-        if isinstance(error, ExportError) or not _is_write_failure(error):
-            raise
+    except (OSError, SafetensorError) as error:  # the writers on a full disk
         raise OutputError(directory, safetensors_failure(error)) from None
     return directory
-
-
-def _is_write_failure(error: Exception) -> bool:
-    from safetensors import SafetensorError
-
-    return isinstance(error, OSError | SafetensorError)

@@ -1,9 +1,8 @@
 """How a study uses the CPU: intra-op threads and worker processes, chosen on purpose.
 
 Torch's default (one intra-op thread per core) slows a small model down: its kernels are too
-short to split, and on a machine other jobs share, the extra threads wait for cores (measured
-on two shared cores with two busy processes beside it: 1 thread 800-1,400 img/s, 2 threads
-130-250 img/s for the default digits ViT). The thread count also changes results: some CPU
+short to split, and on a machine other jobs share, the extra threads wait for cores (the
+measurements are in docs/experiments.md). The thread count also changes results: some CPU
 kernels (SDPA, LayerNorm and patch-embedding backward) split their reductions by thread, so
 a seeded run is bitwise reproducible only at a fixed count. So a study fixes it: by default
 one thread for models below :data:`SMALL_MODEL_PARAMETERS`, torch's default above.
@@ -73,9 +72,8 @@ def choose_workers(requested: int, threads: int | None, runs: int) -> tuple[int,
 
     Automatic, when training runs on one CPU thread and there are at least
     :data:`MIN_PARALLEL_RUNS` runs: one more worker than available cores, so a core that
-    frees up always finds a run ready (on two cores shared with two busy processes, the
-    default study took 208 s with two workers and 170 s with three, measured back to back);
-    else the runs happen in this process.
+    frees up always finds a run ready, also when other jobs share the machine (measured in
+    docs/experiments.md); else the runs happen in this process.
     """
     if requested > 0:
         return min(requested, max(runs, 1)), "cpu_workers in the config"

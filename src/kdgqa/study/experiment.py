@@ -36,7 +36,7 @@ from kdgqa.errors import ConfigError, ConversionError
 from kdgqa.io.checkpoint import load, save_pretrained
 from kdgqa.io.durable import append_jsonl, atomic_write, read_jsonl, replace_dir
 from kdgqa.io.sources import load_model
-from kdgqa.models.locate import attention_heads, kv_cache_bytes_per_token
+from kdgqa.models.locate import attention_heads
 from kdgqa.models.registry import family_of
 from kdgqa.models.timm_vit import create_timm_vit
 from kdgqa.study.config import (
@@ -65,7 +65,6 @@ __all__ = [
     "classifier_plan",
     "environment",
     "grid_runs",
-    "kv_cache_bytes_per_token",
     "model_heads",
     "preflight",
     "run_experiment",

@@ -85,9 +85,9 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 def build_optimizer(model: nn.Module, recipe: TrainConfig) -> torch.optim.AdamW:
     """AdamW without weight decay on biases, norms, tokens and position embeddings.
 
-    On the CPU the fused implementation (one kernel for all parameters; ~6x faster than the
-    per-parameter loop for small models, and elementwise, so independent of the thread
-    count); on GPUs torch's default, which the published GPU study used.
+    On the CPU the fused implementation (one kernel for all parameters instead of a loop of
+    small ones, and elementwise, so independent of the thread count); on GPUs torch's
+    default, which the published GPU study used.
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []

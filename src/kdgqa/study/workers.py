@@ -26,10 +26,14 @@ from kdgqa.study.data import DataSplits
 from kdgqa.study.distributed import DistContext
 from kdgqa.study.runs import RunOutput, RunSpec, execute_run
 
-__all__ = ["WorkerJob", "WorkerPool"]
+__all__ = ["GridWorkerError", "WorkerJob", "WorkerPool"]
 
 #: Seconds between checks that every worker is still alive while waiting for results.
 POLL_SECONDS = 1.0
+
+
+class GridWorkerError(RuntimeError):
+    """A worker process died (killed, out of memory) before handing back its runs."""
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,10 @@ class WorkerPool:
             process.join()
         if self._processes:
             for channel in (self._jobs, self._tasks, self._results):
+                # Whatever is still unsent (a killed worker's model copy, runs never taken)
+                # is dropped: waiting to flush it into a pipe nobody reads would hang.
+                channel.cancel_join_thread()
                 channel.close()
-                channel.join_thread()
             # Drop the queues now: kept alive by a traceback until exit, their semaphores
             # would be reported as leaked by multiprocessing's resource tracker.
             self._jobs = self._tasks = self._results = None
@@ -126,13 +132,16 @@ class WorkerPool:
                 # Every run before the first failed one is done and handed back: the study
                 # stops where one process would have stopped, with the same error.
                 raise errors[following]
+            # Checked at every turn: while other workers keep handing back runs, a dead one's
+            # run would otherwise be waited for forever.
+            dead = [p for p in self._processes if p.exitcode not in (None, 0)]
+            if dead:
+                raise GridWorkerError(
+                    f"grid worker {dead[0].name} stopped with exit code {dead[0].exitcode} "
+                    "before finishing its runs; finished runs are kept, continue with --resume")
             try:
                 kind, index, payload = self._results.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                dead = [p for p in self._processes if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"grid worker {dead[0].name} stopped with exit code "
-                                       f"{dead[0].exitcode} before finishing its runs") from None
                 continue
             if kind == "error":
                 errors[index] = payload
