@@ -17,6 +17,7 @@ from kdgqa.study.config import (
     describe_plan,
     load_config,
     parse_config,
+    resolve_conversion,
     resolve_scheme,
 )
 
@@ -146,7 +147,21 @@ def test_variants_put_one_scheme_in_several_forms_into_one_grid() -> None:
     assert "variant kdgqa-ref" in describe_plan(config)
 
 
+def test_variants_carry_their_own_pooling_and_alignment() -> None:
+    config = parse_config({"grid": {
+        "schemes": ["gqa", "gqa-fit", "kdgqa-align"], "pooling": "mean",
+        "variants": {"gqa-fit": {"scheme": "gqa", "pooling": "fit"},
+                     "kdgqa-align": {"scheme": "kdgqa", "align": True, "gain": 2.0}}}})
+    assert resolve_scheme(config.grid, "gqa-fit") == ("gqa", {})
+    assert resolve_scheme(config.grid, "kdgqa-align") == ("kdgqa", {"gain": 2.0})
+    assert resolve_conversion(config.grid, "gqa") == {"pooling": "mean", "align": False}
+    assert resolve_conversion(config.grid, "gqa-fit") == {"pooling": "fit", "align": False}
+    assert resolve_conversion(config.grid, "kdgqa-align") == {"pooling": "mean", "align": True}
+
+
 @pytest.mark.parametrize(("variants", "expected"), [
+    ({"x": {"scheme": "gqa", "pooling": "median"}}, "grid.variants.x.pooling must be one of"),
+    ({"x": {"scheme": "gqa", "align": "yes"}}, "grid.variants.x.align must be true or false"),
     ({"gqa": {"scheme": "kdgqa"}}, "'gqa' is already a scheme name"),
     ({"x": {"scheme": "kdgqq"}}, r"grid.variants.x.scheme must name a scheme.*did you mean 'kdgqa'"),
     ({"x": {"reference": True}}, "grid.variants.x.scheme must name a scheme"),

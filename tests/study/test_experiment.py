@@ -195,3 +195,17 @@ def test_keeping_a_classifier_of_other_classes_is_refused_before_writing(tmp_pat
                        "classes, uptrained on imagefolder's 3"):
         run_experiment(parse_config(raw), log=None)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_grid_holds_fitted_and_aligned_conversions(tmp_path: Path) -> None:
+    raw = _raw(tmp_path / "study")
+    raw["grid"] = {"schemes": ["gqa", "gqa-fit"], "kv_heads": [2], "seeds": [0],
+                   "include_mha": False,
+                   "variants": {"gqa-fit": {"scheme": "gqa", "pooling": "fit", "align": True}}}
+    run_experiment(parse_config(raw), log=None)
+    rows = {r["run_id"]: r for r in map(json.loads, (tmp_path / "study" / "results.jsonl")
+                                        .read_text().splitlines())}
+    assert set(rows) == {"gqa-g2-s0", "gqa-fit-g2-s0"}
+    # The same model and data: only the pooling differs, so the starting points differ.
+    assert rows["gqa-fit-g2-s0"]["base_scheme"] == "gqa"
+    assert rows["gqa-fit-g2-s0"]["converted_test_acc"] != rows["gqa-g2-s0"]["converted_test_acc"]

@@ -4,7 +4,8 @@ Subcommands are modules listed in :data:`COMMANDS`; each defines ``NAME``, ``HEL
 ``add_arguments(parser)`` and ``run(args) -> int``. Adding one (e.g. ``experiment``) means
 adding its module and one entry here. Building the parser imports no torch, timm or
 transformers (``--help`` answers at once); each ``run`` imports what its command needs.
-Errors print one line ``kdgqa: error: ...`` on stderr and exit with status 2.
+Errors print one line ``kdgqa: error: ...`` on stderr and exit with status 2; Ctrl-C prints
+``kdgqa: interrupted`` and exits with 130.
 """
 
 from __future__ import annotations
@@ -42,14 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Longest error message printed; a message is cut there (values quoted in it can be long).
+MAX_MESSAGE = 600
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the exit status (0 success, 2 bad input)."""
+    """Run the CLI; return the exit status (0 success, 2 bad input, 130 interrupted)."""
+    command = None
     try:
         args = build_parser().parse_args(argv)
+        command = args.command
         status: int = args._run(args)
         return status
     except (CommandError, ValueError, OSError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + f"... (cut at {MAX_MESSAGE} characters)"
         print(f"kdgqa: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Files are written whole or not at all, so an interruption leaves a resumable study.
+        hint = "; finished runs are kept, continue with --resume" if command == "experiment" else ""
+        print(f"kdgqa: interrupted{hint}", file=sys.stderr)
+        return 130
 

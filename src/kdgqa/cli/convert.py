@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from kdgqa.conversion.options import POOLING_METHODS
+from kdgqa.conversion.options import DATA_POOLING, FIT_CALIBRATION_IMAGES, POOLING_METHODS
 from kdgqa.errors import KdgqaError
 from kdgqa.study.config import DATASETS
 
@@ -42,7 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of KV heads per layer")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--pooling", default="mean", choices=POOLING_METHODS,
-                        help="how K/V heads start (default: mean of each group)")
+                        help="how K/V heads start (default: mean of each group; fit: solved "
+                        "from --calibration images to keep the layer's function)")
+    parser.add_argument("--align", action="store_true",
+                        help="rotate each head into its group's common basis before pooling "
+                        "(the same function; needs --calibration)")
     parser.add_argument("--option", action="append", type=_key_value, default=[],
                         metavar="KEY=VALUE", help="scheme option, e.g. window_size=300")
     parser.add_argument("--calibration", default=None, metavar="SPEC",
@@ -83,13 +87,16 @@ def run(args: argparse.Namespace) -> int:
     options = dict(args.option)
     if "calibration" in options:
         raise KdgqaError("pass calibration images with --calibration SPEC, not --option")
-    needs = cls.needs_calibration
+    data_pooling = args.align or args.pooling in DATA_POOLING
+    needs = cls.needs_calibration or data_pooling
     if needs and args.calibration is None:
-        raise KdgqaError(f"scheme {args.scheme!r} needs --calibration SPEC (images that "
-                         "choose its groups)")
+        why = (f"scheme {args.scheme!r}" if cls.needs_calibration else
+               "--align" if args.align else f"--pooling {args.pooling}")
+        raise KdgqaError(f"{why} needs --calibration SPEC (images to measure the layers on)")
     if not needs and args.calibration is not None:
         raise KdgqaError(f"--calibration is only used by schemes "
-                         f"{', '.join(n for n, c in SCHEMES.items() if c.needs_calibration)}")
+                         f"{', '.join(n for n, c in SCHEMES.items() if c.needs_calibration)}, "
+                         f"by --pooling {', '.join(DATA_POOLING)} and by --align")
     if args.calibration is not None:
         check_calibration(args.calibration)
     if args.calibration_images is not None:
@@ -110,14 +117,17 @@ def run(args: argparse.Namespace) -> int:
         geometry = family.input_geometry(model)
         mean = args.calibration_mean or geometry.mean
         std = args.calibration_std or geometry.std
-        count = options.get("calibration_images", cls.option_defaults["calibration_images"])
+        default = (cls.option_defaults["calibration_images"] if cls.needs_calibration else
+                   FIT_CALIBRATION_IMAGES)
+        count = options.get("calibration_images", default)
         images = load_calibration(args.calibration, count, image_size=geometry.image_size,
                                   channels=geometry.channels, mean=mean, std=std)
         extra["calibration"] = images
         calibration_lines.append(
             f"calibration: {images.shape[0]} images from {args.calibration} at "
             f"{geometry.image_size} px, normalised with mean {mean} std {std}")
-    convert(model, args.scheme, args.kv_heads, pooling=args.pooling, **options, **extra)
+    convert(model, args.scheme, args.kv_heads, pooling=args.pooling, align=args.align,
+            **options, **extra)
     model.eval()
     kv_after = kv_cache_bytes_per_token(model, dtype)
     if args.format == "mha":
@@ -140,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
         held = [f"the file holds the grouped model: {grouped}"]
     lines = [
         f"converted {args.model} -> {args.out} ({args.format}): scheme {args.scheme}, "
-        f"{args.kv_heads} KV heads, pooling {args.pooling}",
+        f"{args.kv_heads} KV heads, pooling {args.pooling}" + (", heads aligned" if args.align
+                                                                else ""),
         *held,
         *calibration_lines,
         "allocation per layer:",

@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     validate(config)
     if args.dry_run:
         from kdgqa.study.data import plan_splits
+        from kdgqa.study.distributed import resolve_device
 
+        resolve_device(config.device)  # a device this machine lacks fails the dry run too
         preflight(config, resume=args.resume)
         pretrain = config.pretrain_data
         print(describe_plan(config, plan_splits(config.data, config.seed),

@@ -20,8 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from kdgqa.attention import GroupedQueryAttention
+from kdgqa.calibration.measure import InputMoments, measure
 from kdgqa.calibration.plan import RECORDED, GroupPlan, plan_groups
+from kdgqa.conversion.align import align_heads
+from kdgqa.conversion.fit import fitted_kv
+from kdgqa.conversion.options import DATA_POOLING, FIT_CALIBRATION_IMAGES
 from kdgqa.conversion.pooling import check_pooling, pool_heads
+from kdgqa.core.apportion import even_counts
 from kdgqa.errors import ConversionError, SchemeError
 from kdgqa.models.locate import AttentionLayer, find_attention, set_submodule
 from kdgqa.schemes.registry import SCHEMES, scheme_class
@@ -36,20 +41,27 @@ def build_replacement(
     pooling: str,
     scheme_options: dict[str, Any],
     groups: Sequence[Sequence[int]] | None = None,
+    moments: InputMoments | None = None,
+    align: bool = False,
 ) -> GroupedQueryAttention:
     """The grouped module that replaces ``layer``: queries and output projection copied
-    (permuted so each of ``groups`` is a contiguous run, when given), K/V pooled per group."""
+    (permuted so each of ``groups`` is a contiguous run, when given), K/V pooled per group.
+
+    ``moments`` (the layer's calibration input moments) are needed by ``pooling="fit"`` and
+    by ``align``, which first rotates every head into its group's common basis."""
     weights = layer.weights
     heads, head_dim = weights.num_heads, weights.head_dim
-    options: dict[str, Any] = dict(
-        qkv_bias=weights.q_bias is not None,
-        attn_drop=weights.attn_drop,
-        proj_drop=weights.proj_drop,
-        head_dim=head_dim,
-        proj_bias=weights.o_bias is not None,
-        **scheme_options,
-    )
-    new = layer.family.grouped_attention(layer.module, weights, num_kv_heads, scheme, options)
+    if (align or pooling in DATA_POOLING) and moments is None:
+        raise ConversionError(f"pooling {pooling!r}" + (" with align" if align else "") +
+                              " needs calibration moments of the layer")
+    new = layer.family.grouped_attention(layer.module, weights, num_kv_heads, scheme,
+                                         _module_options(weights, scheme_options))
+    # Validated by the module above: the groups each KV head is pooled from.
+    members = ([list(g) for g in groups] if groups is not None else
+               _contiguous(heads, num_kv_heads))
+    if align:
+        assert moments is not None
+        weights = align_heads(weights, moments, members)
     ref = weights.q_weight
     new.to(device=ref.device)
     new.qkv.to(dtype=ref.dtype)
@@ -61,19 +73,24 @@ def build_replacement(
     def queries(t: Tensor) -> Tensor:
         return t if order is None else t.reshape(heads, -1, *t.shape[1:])[order].reshape(t.shape)
 
-    def pool(t: Tensor) -> Tensor:
-        return pool_heads(t, heads, num_kv_heads, pooling, groups)
+    if pooling in DATA_POOLING:
+        assert moments is not None
+        k_weight, k_bias, v_weight, v_bias = fitted_kv(weights, moments, members)
+    else:
+        k_weight, v_weight = (pool_heads(t, heads, num_kv_heads, pooling, groups)
+                              for t in (weights.k_weight, weights.v_weight))
+        k_bias, v_bias = (None if t is None else pool_heads(t, heads, num_kv_heads, pooling,
+                                                             groups)
+                          for t in (weights.k_bias, weights.v_bias))
 
     o_weight = weights.o_weight
     if order is not None:
         o_weight = o_weight.reshape(o_weight.shape[0], heads, head_dim)[:, order]
     with torch.no_grad():
-        new.qkv.weight.copy_(torch.cat(
-            [queries(weights.q_weight), pool(weights.k_weight), pool(weights.v_weight)]))
+        new.qkv.weight.copy_(torch.cat([queries(weights.q_weight), k_weight, v_weight]))
         if weights.q_bias is not None:
-            assert weights.k_bias is not None and weights.v_bias is not None
-            new.qkv.bias.copy_(torch.cat(
-                [queries(weights.q_bias), pool(weights.k_bias), pool(weights.v_bias)]))
+            assert k_bias is not None and v_bias is not None
+            new.qkv.bias.copy_(torch.cat([queries(weights.q_bias), k_bias, v_bias]))
         new.proj.weight.copy_(o_weight.reshape(weights.o_weight.shape))
         if weights.o_bias is not None:
             new.proj.bias.copy_(weights.o_bias)
@@ -84,6 +101,22 @@ def build_replacement(
     return new
 
 
+def _module_options(weights: Any, scheme_options: dict[str, Any]) -> dict[str, Any]:
+    """Constructor options of the grouped module that replaces an MHA with ``weights``."""
+    return dict(qkv_bias=weights.q_bias is not None, attn_drop=weights.attn_drop,
+                proj_drop=weights.proj_drop, head_dim=weights.head_dim,
+                proj_bias=weights.o_bias is not None, **scheme_options)
+
+
+def _contiguous(heads: int, num_kv_heads: int) -> list[list[int]]:
+    """The paper's groups: contiguous runs of heads, as even as ``heads`` allows."""
+    out: list[list[int]] = []
+    for count in even_counts(heads, num_kv_heads):
+        start = len(out) and out[-1][-1] + 1
+        out.append(list(range(start, start + count)))
+    return out
+
+
 def _planned_groups(
     model: nn.Module,
     layers: list[AttentionLayer],
@@ -92,21 +125,28 @@ def _planned_groups(
     calibration: Any,
     scheme_options: dict[str, Any],
     build: Callable[[AttentionLayer, list[list[int]]], nn.Module],
+    data_pooling: bool = False,
 ) -> dict[str, GroupPlan]:
-    """Check ``calibration`` against the scheme; measure and plan groups where it asks."""
+    """Check ``calibration`` against the scheme; measure and plan groups where it asks.
+    ``data_pooling``: the pooling itself needs calibration (``fit``, ``align``)."""
     needs = scheme_class(scheme).needs_calibration
     if isinstance(calibration, str) and calibration == RECORDED:
         return {}
-    if needs and calibration is None:
+    if (needs or data_pooling) and calibration is None:
+        why = f"scheme {scheme!r}" if needs else "this pooling"
         raise ConversionError(
-            f"scheme {scheme!r} needs calibration=...: images (N, C, H, W) normalised like "
+            f"{why} needs calibration=...: images (N, C, H, W) normalised like "
             "the model's inputs, or an iterable of such batches"
         )
     if calibration is None:
         return {}
     if not needs:
+        if data_pooling:
+            return {}
         users = ", ".join(n for n, c in SCHEMES.items() if c.needs_calibration)
-        raise ConversionError(f"calibration is only used by schemes {users}, not {scheme!r}")
+        raise ConversionError(f"calibration is only used by schemes {users}, by "
+                              f"pooling {', '.join(DATA_POOLING)} and by align, not by "
+                              f"{scheme!r} with this pooling")
     request = None
     for layer in layers:  # the options and G on every layer, before running the model
         try:
@@ -130,6 +170,7 @@ def convert(
     pooling: str = "mean",
     *,
     calibration: Any = None,
+    align: bool = False,
     **scheme_options: Any,
 ) -> nn.Module:
     """Replace every self-attention of ``model`` by a grouped-query one; return ``model``.
@@ -147,28 +188,56 @@ def convert(
     contiguous and each KV head is pooled from its own group; the plans are kept on
     ``model.kdgqa_conversion["calibration"]``. ``calibration="recorded"`` builds the
     structure only, for a state dict that holds the allocation (how checkpoints reload).
+
+    ``pooling="fit"`` solves each group's K/V from calibration images so the layer stays
+    closest to MHA (:mod:`kdgqa.conversion.fit`); ``align=True`` first rotates every head
+    into its group's common basis, which leaves the MHA function unchanged
+    (:mod:`kdgqa.conversion.align`). Both need ``calibration`` (every scheme; at most
+    ``calibration_images`` of a calibrated scheme, else 512 images), measured on the
+    original model in one pass.
     """
     check_pooling(pooling)
+    if not isinstance(align, bool):
+        raise ConversionError(f"align must be True or False, got {align!r}")
+    data_pooling = align or pooling in DATA_POOLING
+    recorded = isinstance(calibration, str) and calibration == RECORDED
     if model is None or not isinstance(model, nn.Module):
         raise ConversionError(f"expected a torch.nn.Module, got {type(model).__qualname__}")
     try:
         scheme_class(scheme)
     except SchemeError as error:
         raise ConversionError(str(error)) from None
+    count = scheme_options.get("calibration_images", FIT_CALIBRATION_IMAGES)
+    if data_pooling and "calibration_images" in scheme_options and not (
+            scheme_class(scheme).needs_calibration):
+        # Not an option of this scheme: how many images the fit/alignment measures.
+        count = scheme_options.pop("calibration_images")
+    if data_pooling and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ConversionError(f"calibration_images must be an integer >= 1, got {count!r}")
     layers = find_attention(model)
     heads = sorted({layer.weights.num_heads for layer in layers})
 
+    moments: dict[str, InputMoments] = {}
+
     def build(layer: AttentionLayer, groups: Sequence[Sequence[int]] | None) -> nn.Module:
+        # Rebuilding from a checkpoint (recorded): the state dict holds the pooled weights.
+        fitted = data_pooling and not recorded
         try:
-            return build_replacement(layer, scheme, num_kv_heads, pooling,
-                                     dict(scheme_options), groups)
+            return build_replacement(layer, scheme, num_kv_heads,
+                                     pooling if fitted or pooling not in DATA_POOLING else "mean",
+                                     dict(scheme_options), groups,
+                                     moments.get(layer.path), align and fitted)
         except ConversionError:
             raise
         except ValueError as error:
             raise ConversionError(f"cannot convert module {layer.path!r}: {error}") from None
 
+    if data_pooling and not recorded and calibration is not None:
+        # Measured on the original model, before a calibrated scheme plans (and tries) groups.
+        moments.update(measure(model, [(layer.path, layer.module) for layer in layers],
+                               calibration, count))
     plans = _planned_groups(model, layers, scheme, num_kv_heads, calibration, scheme_options,
-                            build)
+                            build, data_pooling)
     # Build every replacement first: scheme or G errors surface before the model changes.
     replacements = [(layer.path, build(layer, plans[layer.path].groups if plans else None))
                     for layer in layers]
@@ -180,6 +249,7 @@ def convert(
         "num_kv_heads": num_kv_heads,
         "num_heads": heads[0] if len(heads) == 1 else heads,
         "pooling": pooling,
+        "align": align,
         "scheme_options": dict(first.scheme_options),
         "layers": [path for path, _ in replacements],
     }

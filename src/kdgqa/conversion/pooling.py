@@ -38,6 +38,9 @@ def pool_heads(
     bias starts at zero) from torch's generator, the "random init" ablation of GQA.
     """
     check_pooling(pooling)
+    if pooling == "fit":
+        raise ConversionError("pooling 'fit' solves K and V together from calibration moments "
+                              "(kdgqa.conversion.fit.fitted_kv), not one tensor at a time")
     heads = weight.reshape(num_heads, -1, *weight.shape[1:])
     if groups is None:
         parts: Sequence[Tensor] = torch.split(heads, even_counts(num_heads, num_kv_heads), 0)

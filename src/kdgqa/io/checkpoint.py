@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdgqa.conversion.converter import convert
+from kdgqa.conversion.converter import RECORDED, convert
+from kdgqa.conversion.options import DATA_POOLING
 from kdgqa.errors import CheckpointError
 from kdgqa.io.base import base_spec, build_base
 from kdgqa.io.weights import load_weights, write_safetensors
@@ -109,7 +110,10 @@ def conversion_of(model: nn.Module) -> dict[str, Any] | None:
     if conversion is None:
         return None
     keys = ("scheme", "num_kv_heads", "num_heads", "pooling", "scheme_options")
-    return {k: conversion[k] for k in keys}
+    out = {k: conversion[k] for k in keys}
+    if conversion.get("align"):
+        out["align"] = True
+    return out
 
 
 def save_pretrained(
@@ -258,10 +262,15 @@ def load(directory: str | Path) -> nn.Module:
     model = build_base(config["base"])
     conversion = config.get("conversion")
     if conversion is not None:
+        options = dict(conversion.get("scheme_options", {}))
+        pooling = conversion.get("pooling", "mean")
+        align = conversion.get("align", False)
+        if align or pooling in DATA_POOLING:
+            # The structure only: the fitted (and rotated) weights are in the state dict.
+            options.setdefault("calibration", RECORDED)
         try:
-            convert(model, conversion["scheme"], conversion["num_kv_heads"],
-                    pooling=conversion.get("pooling", "mean"),
-                    **conversion.get("scheme_options", {}))
+            convert(model, conversion["scheme"], conversion["num_kv_heads"], pooling=pooling,
+                    align=align, **options)
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"the conversion recorded in {str(directory)!r} cannot be "
                                   f"applied: {error}") from None

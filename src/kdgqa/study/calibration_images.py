@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdgqa.conversion.options import FIT_CALIBRATION_IMAGES
 from kdgqa.errors import DatasetError
 from kdgqa.schemes.registry import SCHEMES
 from kdgqa.study.config import DATASETS, DataConfig
@@ -47,14 +48,18 @@ def training_images(data: Any, cfg: Any, count: int,
 
 
 def calibration_arguments(
-    scheme: str, options: Mapping[str, Any], data: Any, cfg: Any
+    scheme: str, options: Mapping[str, Any], data: Any, cfg: Any, data_pooling: bool = False
 ) -> dict[str, Any]:
-    """``{"calibration": ...}`` for :func:`kdgqa.convert` when ``scheme`` needs it (the first
-    ``calibration_images`` training images, see :func:`training_images`), else ``{}``."""
+    """``{"calibration": ...}`` for :func:`kdgqa.convert` when ``scheme`` needs it, or the
+    pooling does (``data_pooling``: ``fit``, ``align``): the first ``calibration_images``
+    training images (see :func:`training_images`); else ``{}``."""
     cls = SCHEMES.get(scheme)
-    if cls is None or not cls.needs_calibration:
+    needs = cls is not None and cls.needs_calibration
+    if not needs and not data_pooling:
         return {}
-    count = options.get("calibration_images", cls.option_defaults["calibration_images"])
+    default = cls.option_defaults["calibration_images"] if needs and cls else (
+        FIT_CALIBRATION_IMAGES)
+    count = options.get("calibration_images", default)
     return {"calibration": training_images(data, cfg, int(count))}
 
 

@@ -43,6 +43,8 @@ __all__ = [
     "describe_plan",
     "load_config",
     "parse_config",
+    "read_yaml",
+    "resolve_conversion",
     "resolve_scheme",
 ]
 
@@ -142,8 +144,12 @@ class GridConfig:
     #: "reference": true}}``, so one grid can hold a scheme in several forms. A variant
     #: inherits its scheme's ``scheme_options`` and overrides them with its own.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: How K/V projections of each group are pooled when converting.
+    #: How K/V projections of each group are pooled when converting (``fit`` measures
+    #: the first training images; see ``kdgqa.conversion.fit``). A variant may set its own
+    #: ``pooling`` and ``align``.
     pooling: str = "mean"
+    #: Rotate every head into its group's common basis before pooling (same function).
+    align: bool = False
     #: Also uptrain the unconverted MHA model with the same recipe, as a reference row.
     include_mha: bool = True
 
@@ -352,7 +358,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not all(parts):
             raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. uptrain.lr=3e-4")
         try:
-            value = yaml.safe_load(text)
+            value = read_yaml(text)
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
         if isinstance(value, str):
@@ -371,6 +377,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: a config has no use for ``*name``, and nested aliases expand
+    exponentially (a few hundred bytes can hold gigabytes)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML aliases (*{event.anchor}) are not accepted in configs "
+                              f"(line {event.start_mark.line + 1}); write the value out")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` parsed as YAML (safe types only, no aliases)."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML file (or the embedded default when ``path`` is None), apply
     ``overrides`` (see :func:`apply_overrides`) and validate it."""
@@ -382,7 +405,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     except OSError as exc:
         raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = read_yaml(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -512,6 +537,12 @@ def validate(config: ExperimentConfig) -> None:
         _require(isinstance(base, str) and base in SCHEMES,
                  f"grid.variants.{label}.scheme must name a scheme ({', '.join(SCHEMES)}), "
                  f"got {base!r}{_suggest(str(base), list(SCHEMES))}")
+        pooling = spec.get("pooling", g.pooling)
+        _require(pooling in POOLING_METHODS,
+                 f"grid.variants.{label}.pooling must be one of {', '.join(POOLING_METHODS)}, "
+                 f"got {pooling!r}")
+        _require(isinstance(spec.get("align", False), bool),
+                 f"grid.variants.{label}.align must be true or false, got {spec.get('align')!r}")
     names = [*SCHEMES, *g.variants]
     for scheme in [*g.schemes, *g.scheme_options]:
         _require(scheme in names,
@@ -541,14 +572,27 @@ def check_cells(config: ExperimentConfig, num_heads: int, what: str = "") -> Non
                 raise ConfigError(f"grid cell {label} G={kv}{what}: {exc}") from None
 
 
+#: Variant keys that are conversion settings, not scheme options.
+CONVERSION_KEYS = ("pooling", "align")
+
+
 def resolve_scheme(grid: GridConfig, label: str) -> tuple[str, dict[str, Any]]:
     """The registered scheme behind a grid label and the options it is built with."""
     variant = dict(grid.variants.get(label, {}))
     scheme = str(variant.pop("scheme", label))
+    for key in CONVERSION_KEYS:
+        variant.pop(key, None)
     options = {**grid.scheme_options.get(scheme, {}), **variant}
     if label != scheme:
         options.update(grid.scheme_options.get(label, {}))
     return scheme, options
+
+
+def resolve_conversion(grid: GridConfig, label: str) -> dict[str, Any]:
+    """``pooling`` and ``align`` for a grid label: the variant's own, else the grid's."""
+    variant = grid.variants.get(label, {})
+    return {"pooling": variant.get("pooling", grid.pooling),
+            "align": bool(variant.get("align", grid.align))}
 
 
 # --------------------------------------------------------------------------- plan

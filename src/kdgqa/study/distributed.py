@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from kdgqa.errors import ConfigError
 from kdgqa.schemes.key_driven import set_stats_reducer
 
 __all__ = [
@@ -53,13 +54,33 @@ class DistContext:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this rank's CUDA device when there is one, else the CPU."""
+    """``auto`` -> this rank's CUDA device when there is one, else the CPU. A device this
+    machine does not have is a :class:`ConfigError` naming it, before anything runs."""
     if name == "auto":
         cuda = torch.cuda.is_available()
         return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {name!r} is not a device; expected auto, cpu, cuda or "
+                          "cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: torch sees no CUDA GPU on this machine (torch "
+                              f"{torch.__version__}); use --device cpu or auto")
+        index = local_rank if device.index is None else device.index
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {name!r}: Apple's MPS backend is not available here; "
+                              "use --device cpu or auto")
+        return device
+    if device.type != "cpu":
+        raise ConfigError(f"device {name!r}: kdgqa runs on cpu, cuda or mps")
     return device
 
 

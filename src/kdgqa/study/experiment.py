@@ -54,7 +54,7 @@ from kdgqa.study.data import (
 )
 from kdgqa.study.distributed import DistContext, broadcast_object, resolve_device
 from kdgqa.study.report import write_report
-from kdgqa.study.resume import check_resumable
+from kdgqa.study.resume import STUDY_MARKER, check_resumable
 from kdgqa.study.runs import RunOutput, RunSpec, execute_run, grid_runs, make_batches
 from kdgqa.study.train import evaluate, train
 from kdgqa.study.workers import WorkerJob, WorkerPool
@@ -282,6 +282,8 @@ def run_experiment(
     ctx.barrier()
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / STUDY_MARKER, [json.dumps({"kdgqa_study": 1,
+                                                       "name": config.name}).encode()])
         atomic_write(out / "config.yaml",
                      [yaml.safe_dump(config_to_dict(config), sort_keys=False).encode()])
         meta = {**environment(), "device": str(ctx.device), "world_size": ctx.world_size,

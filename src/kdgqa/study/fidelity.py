@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdgqa.conversion.converter import convert
+from kdgqa.conversion.options import DATA_POOLING
 from kdgqa.errors import ConfigError
 from kdgqa.io.sources import load_model
 from kdgqa.models.locate import attention_heads
 from kdgqa.models.registry import family_of
 from kdgqa.schemes.registry import scheme_class
 from kdgqa.study.calibration_images import calibration_arguments, dataset_config
-from kdgqa.study.config import ExperimentConfig, resolve_scheme
+from kdgqa.study.config import ExperimentConfig, resolve_conversion, resolve_scheme
 from kdgqa.study.data import Batches, check_dataset, load_splits
 from kdgqa.study.distributed import resolve_device
 
@@ -162,11 +163,14 @@ def grid_fidelity(
         model = copy.deepcopy(base)
         if scheme != "mha":
             extra: dict[str, Any] = {}
-            if scheme_class(scheme).needs_calibration:
+            conversion = resolve_conversion(config.grid, label)
+            data_pooling = conversion["align"] or conversion["pooling"] in DATA_POOLING
+            if scheme_class(scheme).needs_calibration or data_pooling:
                 if study_train is None:  # the study's own calibration images, as it uses them
                     study_train = load_splits(config.data, seed=config.seed).train
-                extra = calibration_arguments(scheme, options, study_train, config.data)
-            convert(model, scheme, kv, pooling=config.grid.pooling, **options, **extra)
+                extra = calibration_arguments(scheme, options, study_train, config.data,
+                                              data_pooling=data_pooling)
+            convert(model, scheme, kv, **conversion, **options, **extra)
         model.to(dev)
         torch.manual_seed(config.seed)  # schemes with evaluation-time noise draw the same
         fid = compare(reference, model_outputs(model, batches.epoch(0)))

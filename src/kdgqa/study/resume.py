@@ -16,9 +16,20 @@ import yaml
 from kdgqa.errors import ConfigError
 from kdgqa.io.checkpoint import CONFIG_NAME, verify
 from kdgqa.io.durable import read_jsonl, verify_checkpoint
-from kdgqa.study.config import ExperimentConfig, config_to_dict, parse_config
+from kdgqa.study.config import ExperimentConfig, config_to_dict, parse_config, read_yaml
 
-__all__ = ["RESUMABLE_CHANGES", "check_resumable", "config_difference"]
+__all__ = ["RESUMABLE_CHANGES", "STUDY_MARKER", "check_resumable", "config_difference",
+           "is_study"]
+
+#: Written into every study directory when it starts: ``--resume`` goes nowhere else.
+STUDY_MARKER = "kdgqa-study.json"
+
+
+def is_study(out: Path) -> bool:
+    """Whether ``out`` is a kdgqa study directory (its marker, or for studies begun before
+    the marker existed, both ``config.yaml`` and ``meta.json``)."""
+    return (out / STUDY_MARKER).is_file() or (
+        (out / "config.yaml").is_file() and (out / "meta.json").is_file())
 
 #: Settings that may differ between a study and its resumption: where and how it runs, and
 #: the grid's extent (new cells are added; finished cells keep their results).
@@ -65,10 +76,22 @@ def config_difference(stored: ExperimentConfig, current: ExperimentConfig) -> st
 
 def check_resumable(config: ExperimentConfig, out: Path, results: str = "results.jsonl") -> None:
     """Raise ``ConfigError``/``CorruptFileError`` (one line) unless ``out`` can be resumed."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return  # nothing to resume: the study starts there
+    if not is_study(out):
+        raise ConfigError(
+            f"--resume: {str(out)!r} holds files but is not a kdgqa study (no {STUDY_MARKER}, "
+            "no config.yaml and meta.json); give the study's own output_dir, or an empty or "
+            "new one")
     stored_path = out / "config.yaml"
+    if not stored_path.is_file() and (out / results).is_file():
+        raise ConfigError(
+            f"--resume: {str(stored_path)!r} is missing, so the finished runs in "
+            f"{str(out / results)!r} cannot be checked against this config; restore it, or "
+            "start the study in another output_dir")
     if stored_path.is_file():
         try:
-            stored = parse_config(yaml.safe_load(stored_path.read_text()))
+            stored = parse_config(read_yaml(stored_path.read_text()))
         except (OSError, ValueError, yaml.YAMLError, RecursionError) as error:
             detail = " ".join(str(error).split()) or type(error).__name__
             raise ConfigError(

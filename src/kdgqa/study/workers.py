@@ -14,6 +14,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import pickle
 import queue
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -91,8 +93,16 @@ class WorkerPool:
                                                             self._results),
                                       daemon=True, name=f"kdgqa-grid-{i}")
                 for i in range(self.workers)]
-            for process in self._processes:
-                process.start()
+            # Started with Ctrl-C ignored (kept across exec, so also while they import):
+            # the parent answers it for the whole process group and stops the workers.
+            in_main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+            try:
+                for process in self._processes:
+                    process.start()
+            finally:
+                if in_main:
+                    signal.signal(signal.SIGINT, previous)
         return self
 
     def __exit__(self, *exc: object) -> None:

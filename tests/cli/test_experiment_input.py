@@ -1,0 +1,117 @@
+"""`kdgqa experiment` on input a user can get wrong: devices, aliases, foreign directories,
+missing records, Ctrl-C. Each gets one line, a status, and no files written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdgqa.cli import main
+
+FAST = ["--set", "pretrain.epochs=1", "--set", "uptrain.epochs=1", "--set", "grid.seeds=[0]",
+        "--set", "grid.schemes=[gqa]", "--set", "grid.kv_heads=[2]", "--no-progress"]
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    status = main(list(argv))
+    err = capsys.readouterr().err
+    return status, err
+
+
+def _listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize(("device", "expected"), [
+    ("cuda", "torch sees no CUDA GPU on this machine"),
+    ("cuda:1", "torch sees no CUDA GPU on this machine"),
+    ("cuda:x", "device must be 'auto', 'cpu', 'cuda[:N]' or 'mps'"),
+])
+def test_a_device_this_machine_lacks_fails_up_front(device: str, expected: str, tmp_path: Path,
+                                                    capsys) -> None:
+    for extra in (["--dry-run"], []):
+        status, err = _run(capsys, "experiment", "-o", str(tmp_path / "s"), "--device",
+                           device, *extra, *FAST)
+        assert status == 2 and expected in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks a machine without MPS")
+def test_mps_without_mps_fails_up_front(tmp_path: Path, capsys) -> None:
+    status, err = _run(capsys, "experiment", "-o", str(tmp_path / "s"), "--device", "mps",
+                       "--dry-run")
+    assert status == 2 and "MPS backend is not available" in err
+
+
+def test_yaml_aliases_are_refused_at_once(tmp_path: Path, capsys) -> None:
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    bomb += [f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
+             for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    config = tmp_path / "bomb.yaml"
+    config.write_text("\n".join(bomb) + "\nname: *i\n")
+    start = time.monotonic()
+    status, err = _run(capsys, "experiment", str(config), "--dry-run")
+    assert time.monotonic() - start < 5
+    assert status == 2 and "YAML aliases (*a) are not accepted" in err and str(config) in err
+    status, err = _run(capsys, "experiment", "--dry-run", "--set", "name=&x [*x]")
+    assert status == 2
+
+
+def test_long_values_are_cut_in_messages(tmp_path: Path, capsys) -> None:
+    status, err = _run(capsys, "experiment", "--dry-run", "--set",
+                       "grid.kv_heads=[" + ", ".join(["99"] * 2000) + "]")
+    assert status == 2 and "(cut at 600 characters)" in err and len(err) < 800
+
+
+def test_resume_goes_only_into_a_study(tmp_path: Path, capsys) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    before = _listing(foreign)
+    for extra in (["--dry-run"], []):
+        status, err = _run(capsys, "experiment", "-o", str(foreign), "--resume", *extra, *FAST)
+        assert status == 2 and "is not a kdgqa study" in err
+        assert _listing(foreign) == before
+
+
+def test_resume_without_the_config_record_is_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "s"
+    assert _run(capsys, "experiment", "-o", str(out), *FAST)[0] == 0
+    assert (out / "kdgqa-study.json").is_file()
+    (out / "config.yaml").unlink()
+    before = _listing(out)
+    status, err = _run(capsys, "experiment", "-o", str(out), "--resume", *FAST,
+                       "--set", "uptrain.lr=0.1")
+    assert status == 2 and "config.yaml' is missing" in err
+    assert _listing(out) == before
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "kdgqa.cli", "experiment", "-o", str(tmp_path / "s"),
+            "--no-progress", "--device", "cpu", "--set", "pretrain.epochs=1",
+            "--set", "uptrain.epochs=30", "--set", "cpu_workers=2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (tmp_path / "s" / "meta.json").is_file():  # the grid is under way
+                break
+            time.sleep(0.5)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == [
+        "kdgqa: interrupted; finished runs are kept, continue with --resume"], err[-2000:]
