@@ -181,3 +181,15 @@ def test_two_ranks_see_exactly_the_single_process_batch() -> None:
     for step, (x, y) in enumerate(one):
         assert torch.equal(torch.cat([ranks[0][step][0], ranks[1][step][0]]), x)
         assert torch.equal(torch.cat([ranks[0][step][1], ranks[1][step][1]]), y)
+
+
+def test_split_warnings_name_counts_and_the_threshold() -> None:
+    from kdgqa.study.data import MIN_EVAL_IMAGES, split_warnings
+
+    assert split_warnings(1000, MIN_EVAL_IMAGES, 500, {"uptrain": 64}) == []
+    lines = split_warnings(10, 99, 4, {"uptrain": 64, "pretrain": 8})
+    assert [line.split(":")[1].strip().split(" has")[0] for line in lines[:2]] == [
+        "the validation split", "the test split"]
+    assert "+-10" in lines[0] and "4 image(s)" in lines[1]
+    assert lines[2] == ("warning: uptrain.batch_size 64 is larger than the 10 training images: "
+                        "every epoch is a single step")

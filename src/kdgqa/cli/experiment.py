@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kdgqa.study.config import describe_plan, load_config, validate
-    from kdgqa.study.experiment import grid_progress, preflight, run_experiment
+    from kdgqa.study.experiment import batch_sizes, grid_progress, preflight, run_experiment
 
     config = load_config(args.config, args.overrides)
     shard = parse_shard(args.shard) if args.shard is not None else None
@@ -50,14 +50,17 @@ def run(args: argparse.Namespace) -> int:
         config.progress = False
     validate(config)
     if args.dry_run:
-        from kdgqa.study.data import plan_splits
+        from kdgqa.study.data import plan_splits, split_warnings
         from kdgqa.study.distributed import resolve_device
 
         resolve_device(config.device)  # a device this machine lacks fails the dry run too
         preflight(config, resume=args.resume)
         pretrain = config.pretrain_data
-        print(describe_plan(config, plan_splits(config.data, config.seed),
-                            plan_splits(pretrain, config.seed) if pretrain else None))
+        plan = plan_splits(config.data, config.seed)
+        print(describe_plan(config, plan, plan_splits(pretrain, config.seed) if pretrain
+                            else None))
+        for line in split_warnings(plan.train, plan.val, plan.test, batch_sizes(config)):
+            print(line)
         if shard is not None or args.resume:
             done, left = grid_progress(config, shard)
             part = f"shard {shard[0]}/{shard[1]}" if shard is not None else "grid"

@@ -414,6 +414,30 @@ def plan_splits(cfg: DataConfig, seed: int = 0) -> SplitPlan:
     return SplitPlan(cfg.name, train, val, test, split_origins(cfg, seed))
 
 
+#: Below this many images a split's accuracy has a 95 % interval wider than +-10 points
+#: (binomial at 50 %: 1.96 * sqrt(0.25 / n) <= 0.098 needs n >= 100).
+MIN_EVAL_IMAGES = 100
+
+
+def split_warnings(train: int | None, val: int | None, test: int | None,
+                   batch_sizes: dict[str, int]) -> list[str]:
+    """Lines warning about splits too small to measure with, or batches larger than the
+    training split (``batch_sizes``: recipe name -> batch size)."""
+    lines = []
+    for name, count in (("validation", val), ("test", test)):
+        if count is not None and count < MIN_EVAL_IMAGES:
+            half = 196 * (0.25 / max(count, 1)) ** 0.5
+            lines.append(f"warning: the {name} split has {count} image(s): its accuracy moves "
+                         f"in steps of {100 / max(count, 1):.3g} points and a 95 % interval is "
+                         f"about +-{min(half, 50):.0f} points; {MIN_EVAL_IMAGES} or more keep "
+                         "it within +-10")
+    for recipe, batch in batch_sizes.items():
+        if train is not None and batch > train:
+            lines.append(f"warning: {recipe}.batch_size {batch} is larger than the {train} "
+                         "training images: every epoch is a single step")
+    return lines
+
+
 def describe_splits(splits: DataSplits) -> str:
     """One line naming each split of ``splits`` with its size and where it comes from."""
     origins = splits.origins or SplitOrigins("?", "?", "?")

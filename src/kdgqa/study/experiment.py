@@ -51,8 +51,10 @@ from kdgqa.study.data import (
     check_dataset,
     describe_splits,
     load_splits,
+    split_warnings,
 )
 from kdgqa.study.distributed import DistContext, broadcast_object, resolve_device
+from kdgqa.study.lock import LOCK_NAME, study_lock
 from kdgqa.study.report import write_report
 from kdgqa.study.resume import STUDY_MARKER, check_resumable
 from kdgqa.study.runs import RunOutput, RunSpec, execute_run, grid_runs, make_batches
@@ -62,6 +64,7 @@ from kdgqa.version import __version__
 
 __all__ = [
     "RunSpec",
+    "batch_sizes",
     "classifier_plan",
     "environment",
     "grid_runs",
@@ -180,7 +183,7 @@ def preflight(config: ExperimentConfig, resume: bool = False) -> None:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {str(out)!r} exists and is not a directory")
-    if not resume and out.is_dir() and any(out.iterdir()):
+    if not resume and out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise ConfigError(f"output_dir {str(out)!r} is not empty; pass --resume to continue "
                           "that study or choose another output_dir")
     if resume and out.is_dir():
@@ -248,12 +251,31 @@ def run_experiment(
                               "run with pretrain_only first, then set model.pretrained to "
                               "OUT/pretrain/model and pretrain to null")
     ctx = ctx or DistContext(device=resolve_device(config.device))
-    emit = _log_fn(ctx, log)
     preflight(config, resume=resume)
+    out = Path(config.output_dir)
+    with study_lock(out) if ctx.is_main else contextlib.nullcontext():
+        return _run_study(config, resume=resume, ctx=ctx, emit=_log_fn(ctx, log),
+                          pretrain_only=pretrain_only, shard=shard)
+
+
+def batch_sizes(config: ExperimentConfig) -> dict[str, int]:
+    """The batch size of each recipe that trains on ``config.data`` (for the split checks)."""
+    sizes = {"uptrain": config.uptrain.batch_size}
+    if config.pretrain is not None and config.pretrain_data is None:
+        sizes["pretrain"] = config.pretrain.batch_size
+    return sizes
+
+
+def _run_study(config: ExperimentConfig, *, resume: bool, ctx: DistContext,
+               emit: Callable[[str], None], pretrain_only: bool,
+               shard: tuple[int, int] | None) -> Path:
     out = Path(config.output_dir)
     started = time.perf_counter()
     splits = load_splits(config.data, seed=config.seed).to(ctx.device)
     emit(f"data: {describe_splits(splits)} ({time.perf_counter() - started:.1f} s)")
+    for line in split_warnings(len(splits.train), len(splits.val), len(splits.test),
+                               batch_sizes(config)):
+        emit(line)
     pre_cfg, pre_splits = config.data, splits
     if config.pretrain_data is not None:
         pre_cfg = config.pretrain_data

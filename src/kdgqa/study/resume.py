@@ -17,6 +17,7 @@ from kdgqa.errors import ConfigError
 from kdgqa.io.checkpoint import CONFIG_NAME, verify
 from kdgqa.io.durable import read_jsonl, verify_checkpoint
 from kdgqa.study.config import ExperimentConfig, config_to_dict, parse_config, read_yaml
+from kdgqa.study.lock import LOCK_NAME
 
 __all__ = ["RESUMABLE_CHANGES", "STUDY_MARKER", "check_resumable", "config_difference",
            "is_study"]
@@ -76,8 +77,8 @@ def config_difference(stored: ExperimentConfig, current: ExperimentConfig) -> st
 
 def check_resumable(config: ExperimentConfig, out: Path, results: str = "results.jsonl") -> None:
     """Raise ``ConfigError``/``CorruptFileError`` (one line) unless ``out`` can be resumed."""
-    if not out.is_dir() or not any(out.iterdir()):
-        return  # nothing to resume: the study starts there
+    if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
+        return  # nothing to resume (a stale lock at most): the study starts there
     if not is_study(out):
         raise ConfigError(
             f"--resume: {str(out)!r} holds files but is not a kdgqa study (no {STUDY_MARKER}, "
