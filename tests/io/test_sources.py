@@ -103,3 +103,36 @@ def test_unsupported_file_and_directory(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(SourceError, match="unsupported Hugging Face"):
         load_model(str(tmp_path))
+
+
+def test_an_offline_timm_name_fails_at_once_without_cached_weights(monkeypatch) -> None:
+    import time
+
+    from kdgqa.errors import SourceError
+    from kdgqa.io.sources import load_model
+    from kdgqa.models import timm_vit
+
+    monkeypatch.setattr(timm_vit, "_reachable", lambda host: False)
+    monkeypatch.setattr(timm_vit, "_cached_weights", lambda name: None)
+    start = time.monotonic()
+    with pytest.raises(SourceError, match="not in the local Hugging Face cache"):
+        load_model("timm:vit_tiny_patch16_224")
+    assert time.monotonic() - start < 10
+
+
+def test_an_offline_timm_name_loads_cached_weights(monkeypatch, tmp_path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from kdgqa.io.sources import load_model
+    from kdgqa.models import timm_vit
+
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", num_classes=1000)
+    save_file(reference.state_dict(), str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(timm_vit, "_reachable", lambda host: False)
+    monkeypatch.setattr(timm_vit, "_cached_weights", lambda name: str(tmp_path /
+                                                                       "model.safetensors"))
+    model = load_model("timm:vit_tiny_patch16_224")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 reference.state_dict().values(), strict=True))

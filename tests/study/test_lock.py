@@ -21,9 +21,9 @@ def test_a_live_writer_keeps_the_directory(tmp_path: Path) -> None:
     proc = _holder()
     try:
         (tmp_path / LOCK_NAME).write_text(f"{socket.gethostname()} {proc.pid}")
-        with pytest.raises(ConfigError, match=rf"another kdgqa experiment \(process {proc.pid}"):
-            with study_lock(tmp_path):
-                pass
+        expected = rf"another kdgqa experiment \(process {proc.pid}"
+        with pytest.raises(ConfigError, match=expected), study_lock(tmp_path):
+            pass
         assert (tmp_path / LOCK_NAME).read_text().endswith(str(proc.pid))
     finally:
         proc.kill()
@@ -41,9 +41,8 @@ def test_a_dead_writers_lock_is_taken_over_and_released(tmp_path: Path) -> None:
 
 
 def test_a_directory_made_for_nothing_is_removed(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError):
-        with study_lock(tmp_path / "new"):
-            raise RuntimeError("failed before writing")
+    with pytest.raises(RuntimeError), study_lock(tmp_path / "new"):
+        raise RuntimeError("failed before writing")
     assert not (tmp_path / "new").exists()
 
 

@@ -305,8 +305,19 @@ class TimmViT(ModelFamily):
 
         if not timm.is_model(name):
             raise SourceError(f"unknown timm model {name!r}; see timm.list_models()")
+        overlay: dict[str, Any] = {}
+        host = _hub_host()
+        if not _reachable(host):
+            # Offline: the hub client would retry for about a minute before failing.
+            cached = _cached_weights(name)
+            if cached is None:
+                raise SourceError(
+                    f"cannot load pretrained timm model {name!r}: its weights are not in the "
+                    f"local Hugging Face cache and {host} cannot be reached; download them "
+                    "once online, or pass a checkpoint file")
+            overlay = {"pretrained_cfg_overlay": {"file": cached}}
         try:
-            model = timm.create_model(name, pretrained=True)
+            model = timm.create_model(name, pretrained=True, **overlay)
         except Exception as error:  # download or hub failures of any kind
             raise SourceError(f"cannot load pretrained timm model {name!r}: {error}") from None
         setattr(model, "kdgqa_base", timm_spec(name))  # noqa: B010 (nn.Module attribute typing)
@@ -326,6 +337,49 @@ class TimmViT(ModelFamily):
             kwargs.setdefault("num_classes", config["num_classes"])
         return {"library": "timm", "name": config["architecture"], "class": None,
                 "kwargs": kwargs}
+
+
+#: Seconds to wait for the model hub before treating the machine as offline.
+HUB_TIMEOUT = 3.0
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return ""
+    return urlparse(constants.ENDPOINT).hostname or ""
+
+
+def _reachable(host: str) -> bool:
+    """Whether a TCP connection to ``host``:443 opens within :data:`HUB_TIMEOUT`."""
+    import socket
+
+    if not host:
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=HUB_TIMEOUT).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cached_weights(name: str) -> str | None:
+    """The path of ``name``'s pretrained weights in the local Hugging Face cache, if there."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    for file in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, file)
+        if isinstance(path, str):
+            return path
+    return None
 
 
 def create_timm_vit(name: str | None = None, **vit_kwargs: Any) -> nn.Module:
