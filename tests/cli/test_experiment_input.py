@@ -127,3 +127,30 @@ def test_degenerate_splits_and_batches_are_warned_with_their_counts(capsys) -> N
     assert "uptrain.batch_size 100000 is larger than the 1795 training images" in out
     assert main(["experiment", "--dry-run"]) == 0
     assert "warning" not in capsys.readouterr().out  # the default study is not degenerate
+
+
+@pytest.mark.parametrize(("log", "damage"), [
+    ("history.jsonl", b'{"run_id": "x"}\nnot json\n{"run_id": "y"}\n'),
+    ("allocation.jsonl", bytes(range(256)) * 4 + b"\n"),
+])
+def test_resume_checks_every_log_before_writing(log: str, damage: bytes, tmp_path: Path,
+                                                capsys) -> None:
+    out = tmp_path / "s"
+    assert main(["experiment", "-o", str(out), *FAST]) == 0
+    (out / "results.jsonl").write_text("")  # every run to do again
+    (out / log).write_bytes(damage)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    status, err = _run(capsys, "experiment", "-o", str(out), "--resume", *FAST)
+    assert status == 2 and log in err and len(err.strip().splitlines()) == 1
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_resume_clears_what_killed_writers_left(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "s"
+    assert main(["experiment", "-o", str(out), *FAST]) == 0
+    stale = out / "pretrain" / ".model.tmp-123-abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    (out / ".results.jsonl.tmp-99").write_text("{")
+    assert main(["experiment", "-o", str(out), "--resume", *FAST]) == 0
+    assert not stale.exists() and not (out / ".results.jsonl.tmp-99").exists()

@@ -117,6 +117,22 @@ def remove_stale_temps(path: str | Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def clear_stale_temps(folder: str | Path) -> int:
+    """Delete every hidden ``.NAME.tmp-*`` file or folder directly in ``folder`` (what killed
+    writers leave); only for a folder whose writer holds it alone. Returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    count = 0
+    for stale in folder.glob(".*.tmp-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
 def save_checkpoint(obj: Any, path: str | Path) -> None:
     """``torch.save(obj)`` behind a checksummed header, written atomically.
 

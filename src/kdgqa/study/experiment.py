@@ -34,7 +34,13 @@ from torch import nn
 from kdgqa.conversion.summary import parameter_count
 from kdgqa.errors import ConfigError, ConversionError
 from kdgqa.io.checkpoint import load, save_pretrained
-from kdgqa.io.durable import append_jsonl, atomic_write, read_jsonl, replace_dir
+from kdgqa.io.durable import (
+    append_jsonl,
+    atomic_write,
+    clear_stale_temps,
+    read_jsonl,
+    replace_dir,
+)
 from kdgqa.io.sources import load_model
 from kdgqa.models.locate import attention_heads
 from kdgqa.models.registry import family_of
@@ -271,6 +277,11 @@ def _run_study(config: ExperimentConfig, *, resume: bool, ctx: DistContext,
                shard: tuple[int, int] | None) -> Path:
     out = Path(config.output_dir)
     started = time.perf_counter()
+    if ctx.is_main:  # this process holds the lock: any temp file is a killed writer's
+        runs = out / "runs"
+        for folder in (out, out / "pretrain",
+                       *(sorted(runs.iterdir()) if runs.is_dir() else [])):
+            clear_stale_temps(folder)
     splits = load_splits(config.data, seed=config.seed).to(ctx.device)
     emit(f"data: {describe_splits(splits)} ({time.perf_counter() - started:.1f} s)")
     for line in split_warnings(len(splits.train), len(splits.val), len(splits.test),

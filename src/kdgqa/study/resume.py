@@ -106,6 +106,8 @@ def check_resumable(config: ExperimentConfig, out: Path, results: str = "results
                 f"{before.get(key)!r} there, {now.get(key)!r} now); resume with the config "
                 f"saved in {str(stored_path)!r} or choose another output_dir")
     done = {row.get("run_id") for row in read_jsonl(out / results)}
+    for log in ("history.jsonl", "allocation.jsonl"):  # appended to by the resumed runs
+        read_jsonl(out / log)
 
     pretrain = out / "pretrain"
     if (pretrain / "model" / CONFIG_NAME).exists():
