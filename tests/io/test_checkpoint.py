@@ -118,3 +118,18 @@ def test_parse_size() -> None:
     for bad in ("lots", "-1", 0, True):
         with pytest.raises(CheckpointError):
             parse_size(bad)  # type: ignore[arg-type]
+
+
+def test_a_deleted_index_is_named_as_missing(tmp_path) -> None:
+    import pytest as _pytest
+
+    from kdgqa.errors import CheckpointError
+    from kdgqa.io.checkpoint import INDEX_NAME, load, save_pretrained
+    from kdgqa.models.timm_vit import create_timm_vit
+
+    save_pretrained(create_timm_vit(embed_dim=48, depth=2, num_heads=6, img_size=32,
+                                    patch_size=8, num_classes=5), tmp_path / "m",
+                    max_shard_size="50KB")
+    (tmp_path / "m" / INDEX_NAME).unlink()
+    with _pytest.raises(CheckpointError, match=f"index '{INDEX_NAME}' is missing"):
+        load(tmp_path / "m")

@@ -63,3 +63,13 @@ def test_a_full_disk_while_saving_weights_is_one_line_naming_the_output(tmp_path
     monkeypatch.setattr(safetensors.torch, "save_file", no_space)
     with pytest.raises(OutputError, match=r"model\.safetensors': No space left on device"):
         write_safetensors({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+
+
+def test_torch_advice_to_drop_weights_only_is_never_passed_on() -> None:
+    from kdgqa.io.durable import torch_load_detail
+
+    advice = RuntimeError("Weights only load failed. This file can still be loaded, to do so "
+                          "you have two options...\n(1) set weights_only=False ...")
+    assert "weights_only" not in torch_load_detail(advice)
+    assert "was not loaded" in torch_load_detail(advice)
+    assert torch_load_detail(ValueError("bad header\nmore")) == "bad header"

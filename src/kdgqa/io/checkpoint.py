@@ -225,8 +225,8 @@ def _verified_weight_files(directory: Path) -> list[Path]:
 
     if CONFIG_NAME in expected:  # checkpoints written before the config was checksummed lack it
         check(CONFIG_NAME, "config")
-    if (directory / INDEX_NAME).is_file():
-        check(INDEX_NAME, "index")
+    if (directory / INDEX_NAME).is_file() or INDEX_NAME in expected:
+        check(INDEX_NAME, "index")  # a checksummed index that is gone is named as missing
         try:
             index = json.loads((directory / INDEX_NAME).read_text())
             names = sorted(set(index["weight_map"].values()))

@@ -35,11 +35,13 @@ __all__ = [
     "CorruptFileError",
     "append_jsonl",
     "atomic_write",
+    "clear_stale_temps",
     "load_checkpoint",
     "read_jsonl",
     "remove_stale_temps",
     "replace_dir",
     "save_checkpoint",
+    "torch_load_detail",
     "verify_checkpoint",
     "write_new_dir",
 ]
@@ -190,8 +192,19 @@ def load_checkpoint(path: str | Path, map_location: Any = None) -> Any:
     try:
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as error:  # a valid digest over a payload torch cannot read
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CorruptFileError(f"cannot read checkpoint {str(path)!r}: {first}") from None
+        raise CorruptFileError(f"cannot read checkpoint {str(path)!r}: "
+                               f"{torch_load_detail(error)}") from None
+
+
+def torch_load_detail(error: BaseException) -> str:
+    """What to tell a user about a failed weights-only ``torch.load``: torch's first line,
+    except when torch's message suggests loading without ``weights_only``, advice that would
+    run whatever code the file carries."""
+    text = str(error)
+    if "weights_only" in text or "Weights only load failed" in text:
+        return ("it needs Python objects a weights-only load does not create (not a file "
+                "kdgqa wrote, or altered); it was not loaded")
+    return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
 # --------------------------------------------------------------------------- JSON lines

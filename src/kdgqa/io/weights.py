@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kdgqa.errors import OutputError, SourceError
+from kdgqa.io.durable import torch_load_detail
 
 __all__ = ["load_weights", "read_state_dict", "safetensors_failure", "write_safetensors"]
 
@@ -51,8 +52,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         elif not _looks_like_torch_file(path):
             detail = "it is not a PyTorch file (corrupt, or another format)"
         else:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            detail = f"{first} (the file is corrupt or truncated)"
+            detail = f"{torch_load_detail(error)} (the file is corrupt or truncated)"
         raise SourceError(f"cannot read checkpoint {str(path)!r}: {detail}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
