@@ -154,14 +154,18 @@ def test_variants_carry_their_own_pooling_and_alignment() -> None:
                      "kdgqa-align": {"scheme": "kdgqa", "align": True, "gain": 2.0}}}})
     assert resolve_scheme(config.grid, "gqa-fit") == ("gqa", {})
     assert resolve_scheme(config.grid, "kdgqa-align") == ("kdgqa", {"gain": 2.0})
-    assert resolve_conversion(config.grid, "gqa") == {"pooling": "mean", "align": False}
-    assert resolve_conversion(config.grid, "gqa-fit") == {"pooling": "fit", "align": False}
-    assert resolve_conversion(config.grid, "kdgqa-align") == {"pooling": "mean", "align": True}
+    assert resolve_conversion(config.grid, "gqa") == {"pooling": "mean", "align": False,
+                                                      "distill_steps": 0}
+    assert resolve_conversion(config.grid, "gqa-fit") == {"pooling": "fit", "align": False,
+                                                          "distill_steps": 0}
+    assert resolve_conversion(config.grid, "kdgqa-align") == {"pooling": "mean", "align": True,
+                                                              "distill_steps": 0}
 
 
 @pytest.mark.parametrize(("variants", "expected"), [
     ({"x": {"scheme": "gqa", "pooling": "median"}}, "grid.variants.x.pooling must be one of"),
     ({"x": {"scheme": "gqa", "align": "yes"}}, "grid.variants.x.align must be true or false"),
+    ({"x": {"scheme": "gqa", "distill_steps": -1}}, "distill_steps must be an integer >= 0"),
     ({"gqa": {"scheme": "kdgqa"}}, "'gqa' is already a scheme name"),
     ({"x": {"scheme": "kdgqq"}}, r"grid.variants.x.scheme must name a scheme.*did you mean 'kdgqa'"),
     ({"x": {"reference": True}}, "grid.variants.x.scheme must name a scheme"),

@@ -201,7 +201,8 @@ def test_a_grid_holds_fitted_and_aligned_conversions(tmp_path: Path) -> None:
     raw = _raw(tmp_path / "study")
     raw["grid"] = {"schemes": ["gqa", "gqa-fit"], "kv_heads": [2], "seeds": [0],
                    "include_mha": False,
-                   "variants": {"gqa-fit": {"scheme": "gqa", "pooling": "fit", "align": True}}}
+                   "variants": {"gqa-fit": {"scheme": "gqa", "pooling": "fit", "align": True,
+                                            "distill_steps": 5}}}
     run_experiment(parse_config(raw), log=None)
     rows = {r["run_id"]: r for r in map(json.loads, (tmp_path / "study" / "results.jsonl")
                                         .read_text().splitlines())}

@@ -150,6 +150,9 @@ class GridConfig:
     pooling: str = "mean"
     #: Rotate every head into its group's common basis before pooling (same function).
     align: bool = False
+    #: Steps of layer-wise distillation of the shared K/V after converting (0: none; see
+    #: ``kdgqa.conversion.distill``), on the first training images; a variant may set its own.
+    distill_steps: int = 0
     #: Also uptrain the unconverted MHA model with the same recipe, as a reference row.
     include_mha: bool = True
 
@@ -543,11 +546,15 @@ def validate(config: ExperimentConfig) -> None:
                  f"got {pooling!r}")
         _require(isinstance(spec.get("align", False), bool),
                  f"grid.variants.{label}.align must be true or false, got {spec.get('align')!r}")
+        steps = spec.get("distill_steps", 0)
+        _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
+                 f"grid.variants.{label}.distill_steps must be an integer >= 0, got {steps!r}")
     names = [*SCHEMES, *g.variants]
     for scheme in [*g.schemes, *g.scheme_options]:
         _require(scheme in names,
                  f"grid: unknown scheme {scheme!r}{_suggest(scheme, names)}; "
                  f"valid schemes: {', '.join(names)}")
+    _require(g.distill_steps >= 0, f"grid.distill_steps must be >= 0, got {g.distill_steps}")
     _require(g.pooling in POOLING_METHODS,
              f"grid.pooling must be one of {', '.join(POOLING_METHODS)}, got {g.pooling!r}")
     if m.pretrained is None:
@@ -573,7 +580,7 @@ def check_cells(config: ExperimentConfig, num_heads: int, what: str = "") -> Non
 
 
 #: Variant keys that are conversion settings, not scheme options.
-CONVERSION_KEYS = ("pooling", "align")
+CONVERSION_KEYS = ("pooling", "align", "distill_steps")
 
 
 def resolve_scheme(grid: GridConfig, label: str) -> tuple[str, dict[str, Any]]:
@@ -589,10 +596,12 @@ def resolve_scheme(grid: GridConfig, label: str) -> tuple[str, dict[str, Any]]:
 
 
 def resolve_conversion(grid: GridConfig, label: str) -> dict[str, Any]:
-    """``pooling`` and ``align`` for a grid label: the variant's own, else the grid's."""
+    """``pooling``, ``align`` and ``distill_steps`` for a grid label: the variant's own, else
+    the grid's."""
     variant = grid.variants.get(label, {})
     return {"pooling": variant.get("pooling", grid.pooling),
-            "align": bool(variant.get("align", grid.align))}
+            "align": bool(variant.get("align", grid.align)),
+            "distill_steps": int(variant.get("distill_steps", grid.distill_steps))}
 
 
 # --------------------------------------------------------------------------- plan

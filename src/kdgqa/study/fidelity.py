@@ -21,13 +21,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdgqa.conversion.converter import convert
+from kdgqa.conversion.distill import DISTILL_IMAGES, distill_layers
 from kdgqa.conversion.options import DATA_POOLING
 from kdgqa.errors import ConfigError
 from kdgqa.io.sources import load_model
 from kdgqa.models.locate import attention_heads
 from kdgqa.models.registry import family_of
 from kdgqa.schemes.registry import scheme_class
-from kdgqa.study.calibration_images import calibration_arguments, dataset_config
+from kdgqa.study.calibration_images import (
+    calibration_arguments,
+    dataset_config,
+    training_images,
+)
 from kdgqa.study.config import ExperimentConfig, resolve_conversion, resolve_scheme
 from kdgqa.study.data import Batches, check_dataset, load_splits
 from kdgqa.study.distributed import resolve_device
@@ -164,13 +169,19 @@ def grid_fidelity(
         if scheme != "mha":
             extra: dict[str, Any] = {}
             conversion = resolve_conversion(config.grid, label)
+            steps = conversion.pop("distill_steps")
             data_pooling = conversion["align"] or conversion["pooling"] in DATA_POOLING
-            if scheme_class(scheme).needs_calibration or data_pooling:
+            if scheme_class(scheme).needs_calibration or data_pooling or steps:
                 if study_train is None:  # the study's own calibration images, as it uses them
                     study_train = load_splits(config.data, seed=config.seed).train
                 extra = calibration_arguments(scheme, options, study_train, config.data,
                                               data_pooling=data_pooling)
             convert(model, scheme, kv, **conversion, **options, **extra)
+            if steps:
+                assert study_train is not None
+                distill_layers(model, base, training_images(study_train, config.data,
+                                                            DISTILL_IMAGES),
+                               steps=steps, seed=config.seed)
         model.to(dev)
         torch.manual_seed(config.seed)  # schemes with evaluation-time noise draw the same
         fid = compare(reference, model_outputs(model, batches.epoch(0)))
