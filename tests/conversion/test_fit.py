@@ -176,3 +176,14 @@ def test_fit_keeps_more_of_a_model_than_mean_pooling(images: torch.Tensor) -> No
     fit = _logits(convert(copy.deepcopy(model), "gqa", 3, "fit", calibration=calibration),
                   images)
     assert (fit - reference).norm() < (mean - reference).norm()
+
+
+def test_calibration_given_as_an_iterator_serves_fit_and_group_planning() -> None:
+    calibration = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    from_tensor = convert(_vit(), "calibrated", 2, "fit", calibration=calibration, align=True)
+    from_batches = convert(_vit(), "calibrated", 2, "fit", align=True,
+                           calibration=iter(calibration.split(5)))
+    assert from_batches.kdgqa_conversion["calibration"] is not None
+    # The same images in other batch sizes: fp32 forward passes round differently (1e-8).
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(
+        from_tensor.state_dict().values(), from_batches.state_dict().values(), strict=True))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kdgqa.attention import GroupedQueryAttention
-from kdgqa.calibration.measure import InputMoments, measure
+from kdgqa.calibration.measure import InputMoments, first_images, measure
 from kdgqa.calibration.plan import RECORDED, GroupPlan, plan_groups
 from kdgqa.conversion.align import align_heads
 from kdgqa.conversion.fit import fitted_kv
@@ -233,6 +233,12 @@ def convert(
             raise ConversionError(f"cannot convert module {layer.path!r}: {error}") from None
 
     if data_pooling and not recorded and calibration is not None:
+        if not isinstance(calibration, Tensor):
+            # An iterator is read once: keep its batches for the group planning too.
+            planned = scheme_options.get("calibration_images", scheme_class(
+                scheme).option_defaults.get("calibration_images", 0))
+            needed = max(count, int(planned) if isinstance(planned, int) else 0)
+            calibration = first_images(calibration, needed)
         # Measured on the original model, before a calibrated scheme plans (and tries) groups.
         moments.update(measure(model, [(layer.path, layer.module) for layer in layers],
                                calibration, count))
