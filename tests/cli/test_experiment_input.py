@@ -154,3 +154,19 @@ def test_resume_clears_what_killed_writers_left(tmp_path: Path, capsys) -> None:
     (out / ".results.jsonl.tmp-99").write_text("{")
     assert main(["experiment", "-o", str(out), "--resume", *FAST]) == 0
     assert not stale.exists() and not (out / ".results.jsonl.tmp-99").exists()
+
+
+def test_a_checkpoint_with_a_valid_digest_but_wrong_contents_is_refused_first(
+        tmp_path: Path, capsys) -> None:
+    from kdgqa.io.durable import save_checkpoint
+
+    out = tmp_path / "s"
+    assert main(["experiment", "-o", str(out), *FAST]) == 0
+    rows = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # the last run unfinished
+    last = out / "runs" / "gqa-g2-s0"
+    save_checkpoint({"model": {}}, last / "checkpoint.pt")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    status, err = _run(capsys, "experiment", "-o", str(out), "--resume", *FAST)
+    assert status == 2 and "is not a kdgqa training checkpoint" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

@@ -73,3 +73,28 @@ def test_torch_advice_to_drop_weights_only_is_never_passed_on() -> None:
     assert "weights_only" not in torch_load_detail(advice)
     assert "was not loaded" in torch_load_detail(advice)
     assert torch_load_detail(ValueError("bad header\nmore")) == "bad header"
+
+
+def test_a_directory_that_cannot_be_moved_aside_is_left_as_it_was(tmp_path, monkeypatch) -> None:
+    """`--overwrite` onto a mount point: renaming it fails (EBUSY); nothing is left behind."""
+    import errno
+    from pathlib import Path
+
+    from kdgqa.errors import OutputError
+    from kdgqa.io.durable import write_new_dir
+
+    out = tmp_path / "mnt"
+    out.mkdir()
+    (out / "old.txt").write_text("keep")
+    real_rename = Path.rename
+
+    def rename(self: Path, target):  # type: ignore[no-untyped-def]
+        if self == out:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OutputError, match="mnt"):
+        write_new_dir(out, lambda d: (d / "new.txt").write_text("new"), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
+    assert (out / "old.txt").read_text() == "keep"

@@ -293,6 +293,13 @@ def replace_dir(out: str | Path, write: Callable[[Path], Any]) -> None:
     """
     out = Path(out)
     tmp: Path | None = None
+    old: Path | None = None
+
+    def clean() -> None:
+        for leftover in (tmp, old):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
+
     try:
         _make_parent(out)
         for stale in out.parent.glob(f".{out.name}.tmp-*"):
@@ -301,19 +308,24 @@ def replace_dir(out: str | Path, write: Callable[[Path], Any]) -> None:
         write(tmp)
         if out.exists():
             old = _sibling_dir(out)
+            # A mount point cannot be renamed (EBUSY): then ``old`` is still empty.
             out.rename(old / "previous")
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            tmp = None
         else:
             tmp.rename(out)
+            tmp = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            old = None
     except (OSError, OutputError) as error:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "previous").exists() and not out.exists():
+            (old / "previous").rename(out)  # put the original back before cleaning up
+        clean()
         reason = error.reason if isinstance(error, OutputError) else _reason(error)
         raise OutputError(out, reason) from None
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        clean()
         raise
     _fsync_dir(out.parent)
 

@@ -15,9 +15,16 @@ import yaml
 
 from kdgqa.errors import ConfigError
 from kdgqa.io.checkpoint import CONFIG_NAME, verify
-from kdgqa.io.durable import read_jsonl, verify_checkpoint
-from kdgqa.study.config import ExperimentConfig, config_to_dict, parse_config, read_yaml
+from kdgqa.io.durable import load_checkpoint, read_jsonl, verify_checkpoint
+from kdgqa.study.config import (
+    ExperimentConfig,
+    TrainConfig,
+    config_to_dict,
+    parse_config,
+    read_yaml,
+)
 from kdgqa.study.lock import LOCK_NAME
+from kdgqa.study.train import check_training_state
 
 __all__ = ["RESUMABLE_CHANGES", "STUDY_MARKER", "check_resumable", "config_difference",
            "is_study"]
@@ -112,15 +119,22 @@ def check_resumable(config: ExperimentConfig, out: Path, results: str = "results
     pretrain = out / "pretrain"
     if (pretrain / "model" / CONFIG_NAME).exists():
         verify(pretrain / "model")
-    else:
-        for name in ("checkpoint.pt", "best.pt"):
-            if (pretrain / name).exists():
-                verify_checkpoint(pretrain / name)
+    elif config.pretrain is not None:
+        _check_run_files(pretrain, config.pretrain)
     runs = out / "runs"
     if runs.is_dir():
         for run_dir in sorted(runs.iterdir()):
             if run_dir.name in done or not run_dir.is_dir():
                 continue
-            for name in ("checkpoint.pt", "best.pt"):
-                if (run_dir / name).exists():
-                    verify_checkpoint(run_dir / name)
+            _check_run_files(run_dir, config.uptrain)
+
+
+def _check_run_files(run_dir: Path, recipe: TrainConfig) -> None:
+    """The checkpoints an unfinished run will resume from: intact, and (``checkpoint.pt``) a
+    training state of ``recipe``, so nothing is written before a resume that would fail."""
+    for name in ("checkpoint.pt", "best.pt"):
+        if (run_dir / name).exists():
+            verify_checkpoint(run_dir / name)
+    if (run_dir / "checkpoint.pt").exists():
+        state = load_checkpoint(run_dir / "checkpoint.pt", map_location="cpu")
+        check_training_state(state, run_dir / "checkpoint.pt", recipe)

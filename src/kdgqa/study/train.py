@@ -44,6 +44,7 @@ __all__ = [
     "TrainingDiverged",
     "atomic_save",
     "build_optimizer",
+    "check_training_state",
     "evaluate",
     "load_checkpoint",
     "lr_factor",
@@ -208,8 +209,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 _RESUMABLE_CHANGES = ("checkpoint_every", "compile", "sync_every")
 
 
-def _restore(state: Any, path: Path, recipe: TrainConfig, load: Callable[[Any], None]) -> None:
-    """Check that a loaded checkpoint belongs to this run, then hand it to ``load``."""
+def check_training_state(state: Any, path: Path, recipe: TrainConfig) -> None:
+    """Raise :class:`CorruptFileError` unless ``state`` (a loaded ``checkpoint.pt``) is a
+    training checkpoint written with ``recipe`` (what a resume checks before writing)."""
     needed = ("model", "optimizer", "scheduler", "position", "history", "allocation", "best",
               "timing", "loss_avg", "epoch_sums", "rng", "recipe")
     if not isinstance(state, dict) or any(key not in state for key in needed):
@@ -226,6 +228,11 @@ def _restore(state: Any, path: Path, recipe: TrainConfig, load: Callable[[Any], 
             f"{str(path)!r} was written with a different training recipe ({key}: "
             f"{theirs.get(key)!r}, now {ours.get(key)!r}); resume with the recipe it was "
             "written with, or move the run directory away to start afresh")
+
+
+def _restore(state: Any, path: Path, recipe: TrainConfig, load: Callable[[Any], None]) -> None:
+    """Check that a loaded checkpoint belongs to this run, then hand it to ``load``."""
+    check_training_state(state, path, recipe)
     try:
         load(state)
     except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as error:
