@@ -180,6 +180,8 @@ def test_random_text_as_config(text: str, capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize("text", [
     "[" * 5000 + "]" * 5000,  # deeper than the YAML composer can recurse
     "a: &a [1, 2]\nb: &b [*a, *a, *a]\nc: &c [*b, *b, *b]\n",  # aliases
+    "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(  # an alias bomb: 9^9 strings if expanded
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)),
     "grid:\n  scheme_options:\n    kdgqa: &x {reference: [*x]}\n",  # a self-referencing value
     "grid: {scheme_options: {kdgqa: {reference: {a: [1, 2]}}}}",
     "false", "0", "''", "---\na: 1\n---\nb: 2\n", "!!python/object:os.system {}",
@@ -195,6 +197,8 @@ def test_hostile_config_documents(text: str, capsys: pytest.CaptureFixture[str])
     status, said = _dry_run(capsys, text)
     if text in ("false", "0", "''"):
         assert status == 2 and "mapping" in said
+    if "*" in text:
+        assert status == 2 and "YAML aliases" in said  # refused, never expanded
     if "seed" in text or "cuda:abc" in text or "100000000" in text:
         assert status == 2, said  # a real run would fail on it after creating output
 
