@@ -117,15 +117,17 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path: Path) -> None:
         "kdgqa: interrupted; finished runs are kept, continue with --resume"], err[-2000:]
 
 
-def test_degenerate_splits_and_batches_are_warned_with_their_counts(capsys) -> None:
-    status = main(["experiment", "--dry-run", "--set", "data.val_fraction=0.0001",
+def test_degenerate_splits_and_batches_are_warned_with_their_counts(tmp_path: Path,
+                                                                    capsys) -> None:
+    status = main(["experiment", "--dry-run", "-o", str(tmp_path / "s"),
+                   "--set", "data.val_fraction=0.0001",
                    "--set", "data.test_fraction=0.0001", "--set", "uptrain.batch_size=100000"])
     out = capsys.readouterr().out
     assert status == 0
     assert "warning: the validation split has 1 image(s)" in out
     assert "warning: the test split has 1 image(s)" in out
     assert "uptrain.batch_size 100000 is larger than the 1795 training images" in out
-    assert main(["experiment", "--dry-run"]) == 0
+    assert main(["experiment", "--dry-run", "-o", str(tmp_path / "s")]) == 0
     assert "warning" not in capsys.readouterr().out  # the default study is not degenerate
 
 
