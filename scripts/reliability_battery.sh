@@ -16,7 +16,7 @@ part() {  # part NAME [ENV=VALUE ...] -- PYTEST ARGS
   shift
   local start out
   start=$(date +%s)
-  out=$(env "${envs[@]}" timeout 1800 python -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -n 1)
+  out=$(env "${envs[@]}" timeout 1800 python -m pytest -p no:cacheprovider "$@" 2>&1 | tail -n 1)
   echo "$name: $out ($(( $(date +%s) - start )) s)"
 }
 part "kill + resume, crash seed 5" KDGQA_CRASH_SEED=5 -- tests/study/test_crash_resume.py
