@@ -26,7 +26,7 @@ from kdgqa.conversion.options import POOLING_METHODS
 from kdgqa.errors import ConfigError
 
 if TYPE_CHECKING:
-    from kdgqa.study.data import SplitPlan
+    from kdgqa.study.splits import SplitPlan
 
 __all__ = [
     "DATASETS",

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from kdgqa.errors import DatasetError
 from kdgqa.study.config import DataConfig
+from kdgqa.study.splits import SplitOrigins, SplitPlan
 
 __all__ = [
     "Augment",
@@ -91,35 +92,6 @@ class DataSplits:
     def to(self, device: torch.device | str) -> DataSplits:
         return DataSplits(self.name, self.train.to(device), self.val.to(device),
                           self.test.to(device), self.classes, self.origins)
-
-
-@dataclass(frozen=True)
-class SplitOrigins:
-    """Where a dataset's train, validation and test images come from, in words."""
-
-    train: str
-    val: str
-    test: str
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    """The split sizes :func:`load_splits` will produce, counted without decoding images
-    (``None`` where they cannot be known before a download)."""
-
-    name: str
-    train: int | None
-    val: int | None
-    test: int | None
-    origins: SplitOrigins
-
-    def describe(self) -> str:
-        def count(n: int | None) -> str:
-            return "?" if n is None else f"{n:,}"
-
-        o = self.origins
-        return (f"{self.name}: train {count(self.train)} ({o.train}), val {count(self.val)} "
-                f"({o.val}), test {count(self.test)} ({o.test})")
 
 
 # --------------------------------------------------------------------------- sources

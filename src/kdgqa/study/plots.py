@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kdgqa.study.report import SummaryRow
+    from kdgqa.study.summary import SummaryRow
 
 __all__ = ["PALETTE", "write_plots"]
 
