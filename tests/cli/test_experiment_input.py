@@ -172,3 +172,11 @@ def test_a_checkpoint_with_a_valid_digest_but_wrong_contents_is_refused_first(
     status, err = _run(capsys, "experiment", "-o", str(out), "--resume", *FAST)
     assert status == 2 and "is not a kdgqa training checkpoint" in err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_an_empty_training_split_is_refused_before_anything_is_written(tmp_path: Path,
+                                                                       capsys) -> None:
+    status, err = _run(capsys, "experiment", "-o", str(tmp_path / "s"), "--no-progress",
+                       "--set", "data.limit_train=1")
+    assert status == 2 and "data: the training split is empty" in err
+    assert not (tmp_path / "s").exists()

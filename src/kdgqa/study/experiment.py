@@ -264,6 +264,13 @@ def run_experiment(
                           pretrain_only=pretrain_only, shard=shard)
 
 
+def _require_training_images(splits: DataSplits, where: str) -> None:
+    """Refuse, before anything is written, a split that leaves nothing to train on."""
+    if len(splits.train) == 0:
+        raise ConfigError(f"{where}: the training split is empty ({describe_splits(splits)}); "
+                          "raise limit_train or lower val_fraction")
+
+
 def batch_sizes(config: ExperimentConfig) -> dict[str, int]:
     """The batch size of each recipe that trains on ``config.data`` (for the split checks)."""
     sizes = {"uptrain": config.uptrain.batch_size}
@@ -283,6 +290,7 @@ def _run_study(config: ExperimentConfig, *, resume: bool, ctx: DistContext,
                        *(sorted(runs.iterdir()) if runs.is_dir() else [])):
             clear_stale_temps(folder)
     splits = load_splits(config.data, seed=config.seed).to(ctx.device)
+    _require_training_images(splits, "data")
     emit(f"data: {describe_splits(splits)} ({time.perf_counter() - started:.1f} s)")
     for line in split_warnings(len(splits.train), len(splits.val), len(splits.test),
                                batch_sizes(config)):
@@ -291,6 +299,7 @@ def _run_study(config: ExperimentConfig, *, resume: bool, ctx: DistContext,
     if config.pretrain_data is not None:
         pre_cfg = config.pretrain_data
         pre_splits = load_splits(pre_cfg, seed=config.seed).to(ctx.device)
+        _require_training_images(pre_splits, "pretrain_data")
         emit(f"pretrain data: {describe_splits(pre_splits)}")
         if pre_splits.channels != splits.channels:
             raise ConfigError(f"pretrain_data ({pre_splits.name}) has {pre_splits.channels}-"
