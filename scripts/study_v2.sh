@@ -10,6 +10,7 @@
 #   bash scripts/study_v2.sh tune       # uptraining LR x {mha, gqa G=2, gqa G=4, mqa}, seed 0
 #   bash scripts/study_v2.sh gain       # kdgqa, dgqa-ema at gain 2, 4, 8 (G = 2, 4), seed 0
 #   bash scripts/study_v2.sh grid       # the grid (seed-major) and the MQA control
+#   bash scripts/study_v2.sh conversion # issue 15's conversion grid (auto: WITH_CONVERSION=1)
 #   bash scripts/study_v2.sh auto       # whatever is missing, in that order, until DEADLINE
 #   bash scripts/study_v2.sh collect F  # here: fold a returned state.tgz into results/study-v2
 #   bash scripts/study_v2.sh stash      # keep a carried checkpoint for the next calls
@@ -205,6 +206,22 @@ PY
   fi
 }
 
+# The conversion grid of issue 15 (configs/study-v2/conversion-tin32.yaml: mean vs fit vs
+# align+fit vs distillation, contiguous and calibrated groups), same recipe and seeds.
+stage_conversion() {
+  unpack
+  local recipe seed i shards=${GRID_SHARDS:-5}
+  recipe=$(cat "$S/recipe.txt")
+  for seed in ${SEEDS:-0 1 2 3 4}; do
+    for i in $(seq 0 $((shards - 1))); do
+      echo "$S/conversion/s$seed/shard$i.log|${CONVERSION:-configs/study-v2/conversion-tin32.yaml} \
+-o $S/conversion/s$seed/shard$i --set model.pretrained=$MODEL --shard $i/$shards --set $recipe \
+--set grid.seeds=[$seed]"
+    done
+  done | pool "$(procs)"
+  echo "conversion rows: $(cat "$S"/conversion/s*/shard*/results.jsonl 2>/dev/null | wc -l) of 75"
+}
+
 stage_grid() {
   unpack
   local recipe gains seed i shards=${GRID_SHARDS:-5}
@@ -239,6 +256,7 @@ case "$stage" in
   tune) stage_tune ;;
   gain) stage_gain ;;
   grid) stage_grid ;;
+  conversion) stage_conversion ;;
   auto)
     trap pack_state EXIT
     # A fresh machine continues from the committed state (finished runs and decisions).
@@ -258,6 +276,7 @@ case "$stage" in
     [ -f "$S/gain.txt" ] || stage_gain
     [ -f "$S/gain.txt" ] || exit 0
     stage_grid
+    if [ -n "${WITH_CONVERSION:-}" ] && [ "$(left 60)" -gt 0 ]; then stage_conversion; fi
     ;;
   collect)  # here, after a call: collect state.tgz -> results/study-v2/raw, then the report
     archive=${2:?collect: path of the state.tgz that came back}
@@ -279,6 +298,10 @@ PY
     dirs=$(find "$RAW/grid" "$RAW/mqa" -name results.jsonl -printf '%h\n' 2>/dev/null | sort)
     # shellcheck disable=SC2086
     [ -z "$dirs" ] || python -m kdgqa.cli report $dirs -o "$RESULTS"
+    dirs=$(find "$RAW/conversion" -name results.jsonl -printf '%h\n' 2>/dev/null | sort)
+    # shellcheck disable=SC2086
+    [ -z "$dirs" ] || python -m kdgqa.cli report $dirs -o "$RESULTS/conversion-uptrained"
     ;;
-  *) echo "unknown stage $stage (stash, pretrain, select, tune, gain, grid, auto, collect)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (stash, pretrain, select, tune, gain, grid, conversion, auto, collect)" >&2
+     exit 2 ;;
 esac
