@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from kdgqa.calibration.measure import InputMoments
-from kdgqa.conversion.fit import augmented_heads, checked_groups
+from kdgqa.conversion.fit import augmented_heads, checked_groups, from_augmented
 from kdgqa.models.base import MHAWeights
 
 __all__ = ["ALIGN_ITERATIONS", "align_heads", "group_rotations"]
@@ -71,14 +71,9 @@ def align_heads(weights: MHAWeights, moments: InputMoments, groups: Sequence[Seq
     turn_vo = group_rotations(v, second, parts, iterations)
     o = weights.o_weight.detach().to(torch.float64).reshape(-1, heads, dim)
 
-    def rows(block: Tensor, like: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        flat = block.reshape(heads * dim, -1)
-        return (flat[:, :-1].to(like.dtype),
-                None if bias is None else flat[:, -1].to(bias.dtype))
-
-    q_weight, q_bias = rows(turn_qk @ q, weights.q_weight, weights.q_bias)
-    k_weight, k_bias = rows(turn_qk @ k, weights.k_weight, weights.k_bias)
-    v_weight, v_bias = rows(turn_vo @ v, weights.v_weight, weights.v_bias)
+    q_weight, q_bias = from_augmented(turn_qk @ q, weights.q_weight, weights.q_bias)
+    k_weight, k_bias = from_augmented(turn_qk @ k, weights.k_weight, weights.k_bias)
+    v_weight, v_bias = from_augmented(turn_vo @ v, weights.v_weight, weights.v_bias)
     o_weight = torch.einsum("chd,hed->che", o, turn_vo).reshape(weights.o_weight.shape)
     return dataclasses.replace(
         weights, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias,

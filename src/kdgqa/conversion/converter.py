@@ -21,12 +21,12 @@ from torch import Tensor, nn
 
 from kdgqa.attention import GroupedQueryAttention
 from kdgqa.calibration.measure import InputMoments, first_images, measure
+from kdgqa.calibration.partition import contiguous_groups
 from kdgqa.calibration.plan import RECORDED, GroupPlan, plan_groups
 from kdgqa.conversion.align import align_heads
 from kdgqa.conversion.fit import fitted_kv
 from kdgqa.conversion.options import DATA_POOLING, FIT_CALIBRATION_IMAGES
 from kdgqa.conversion.pooling import check_pooling, pool_heads
-from kdgqa.core.apportion import even_counts
 from kdgqa.errors import ConversionError, SchemeError
 from kdgqa.models.locate import AttentionLayer, find_attention, set_submodule
 from kdgqa.schemes.registry import SCHEMES, scheme_class
@@ -58,7 +58,7 @@ def build_replacement(
                                          _module_options(weights, scheme_options))
     # Validated by the module above: the groups each KV head is pooled from.
     members = ([list(g) for g in groups] if groups is not None else
-               _contiguous(heads, num_kv_heads))
+               contiguous_groups(heads, num_kv_heads))
     if align:
         assert moments is not None
         weights = align_heads(weights, moments, members)
@@ -106,15 +106,6 @@ def _module_options(weights: Any, scheme_options: dict[str, Any]) -> dict[str, A
     return dict(qkv_bias=weights.q_bias is not None, attn_drop=weights.attn_drop,
                 proj_drop=weights.proj_drop, head_dim=weights.head_dim,
                 proj_bias=weights.o_bias is not None, **scheme_options)
-
-
-def _contiguous(heads: int, num_kv_heads: int) -> list[list[int]]:
-    """The paper's groups: contiguous runs of heads, as even as ``heads`` allows."""
-    out: list[list[int]] = []
-    for count in even_counts(heads, num_kv_heads):
-        start = len(out) and out[-1][-1] + 1
-        out.append(list(range(start, start + count)))
-    return out
 
 
 def _planned_groups(

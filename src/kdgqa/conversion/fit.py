@@ -43,8 +43,8 @@ from torch import Tensor
 from kdgqa.calibration.measure import InputMoments
 from kdgqa.models.base import MHAWeights
 
-__all__ = ["RIDGE", "augmented_heads", "checked_groups", "fitted_kv", "logit_error",
-           "weighted_mean"]
+__all__ = ["RIDGE", "augmented_heads", "checked_groups", "fitted_kv", "from_augmented",
+           "logit_error", "weighted_mean"]
 
 #: Ridge of the weighted means, relative to the mean eigenvalue of the summed weights.
 RIDGE = 1e-6
@@ -56,6 +56,15 @@ def augmented_heads(weight: Tensor, bias: Tensor | None, heads: int) -> Tensor:
     column = (torch.zeros(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
               if bias is None else bias.detach().to(torch.float64)[:, None])
     return torch.cat([rows, column], dim=1).reshape(heads, -1, rows.shape[1] + 1)
+
+
+def from_augmented(block: Tensor, weight: Tensor, bias: Tensor | None
+                   ) -> tuple[Tensor, Tensor | None]:
+    """Undo :func:`augmented_heads`: ``block`` (``(..., d, C+1)``, any leading head axes) as
+    a ``(rows, C)`` weight and a bias (None where ``bias`` is), in their dtypes."""
+    flat = block.reshape(-1, block.shape[-1])
+    return (flat[:, :-1].to(weight.dtype),
+            None if bias is None else flat[:, -1].to(bias.dtype))
 
 
 def weighted_mean(blocks: Tensor, weights: Tensor) -> Tensor:
@@ -96,13 +105,8 @@ def fitted_kv(weights: MHAWeights, moments: InputMoments, groups: Sequence[Seque
     output_gains = o.transpose(1, 2) @ o  # (H, d, d): O_h^T O_h
     keys = torch.cat([weighted_mean(k[g], query_moments[g]) for g in parts])
     values = torch.cat([weighted_mean(v[g], output_gains[g]) for g in parts])
-    dtype = weights.k_weight.dtype
-
-    def split(block: Tensor, had_bias: bool) -> tuple[Tensor, Tensor | None]:
-        return block[:, :-1].to(dtype), (block[:, -1].to(dtype) if had_bias else None)
-
-    k_weight, k_bias = split(keys, weights.k_bias is not None)
-    v_weight, v_bias = split(values, weights.v_bias is not None)
+    k_weight, k_bias = from_augmented(keys, weights.k_weight, weights.k_bias)
+    v_weight, v_bias = from_augmented(values, weights.v_weight, weights.v_bias)
     return k_weight, k_bias, v_weight, v_bias
 
 

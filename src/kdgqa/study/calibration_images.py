@@ -9,7 +9,7 @@ command line (:func:`load_calibration`, used by ``kdgqa convert --calibration``)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdgqa.conversion.options import FIT_CALIBRATION_IMAGES
+from kdgqa.conversion.converter import convert
+from kdgqa.conversion.distill import DISTILL_IMAGES, distill_layers
+from kdgqa.conversion.options import DATA_POOLING, FIT_CALIBRATION_IMAGES
 from kdgqa.errors import DatasetError
 from kdgqa.schemes.registry import SCHEMES
-from kdgqa.study.config import DATASETS, DataConfig
+from kdgqa.study.config import DATASETS, DataConfig, resolve_conversion, resolve_scheme
 from kdgqa.study.data import Batches, check_dataset, load_splits
 
 __all__ = [
     "calibration_arguments",
     "check_calibration",
+    "convert_grid_cell",
     "dataset_config",
     "load_calibration",
     "training_images",
@@ -136,3 +139,25 @@ def load_calibration(
         raise DatasetError(f"calibration mean/std must be finite with std > 0, got "
                            f"{list(mean)} / {list(std)}")
     return (x - m) / s
+
+
+def convert_grid_cell(model: Any, base: Any, grid: Any, label: str, kv_heads: int,
+                      train: Callable[[], Any], cfg: Any, seed: int) -> None:
+    """Convert ``model`` (a copy of the MHA model ``base``) to the grid cell ``label`` at
+    ``kv_heads`` as a study does: its scheme and options, pooling and alignment, calibration
+    on the first training images (``train()``, read only when the cell needs them) and, with
+    ``distill_steps``, layer-wise distillation towards ``base`` seeded by ``seed``."""
+    scheme, options = resolve_scheme(grid, label)
+    conversion = resolve_conversion(grid, label)
+    steps = conversion.pop("distill_steps")
+    data_pooling = conversion["align"] or conversion["pooling"] in DATA_POOLING
+    cls = SCHEMES.get(scheme)
+    extra: dict[str, Any] = {}
+    data = None
+    if (cls is not None and cls.needs_calibration) or data_pooling or steps:
+        data = train()
+        extra = calibration_arguments(scheme, options, data, cfg, data_pooling=data_pooling)
+    convert(model, scheme, kv_heads, **conversion, **options, **extra)
+    if steps:
+        distill_layers(model, base, training_images(data, cfg, DISTILL_IMAGES), steps=steps,
+                       seed=seed)

@@ -20,20 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdgqa.conversion.converter import convert
-from kdgqa.conversion.distill import DISTILL_IMAGES, distill_layers
-from kdgqa.conversion.options import DATA_POOLING
 from kdgqa.errors import ConfigError
 from kdgqa.io.sources import load_model
 from kdgqa.models.locate import attention_heads
 from kdgqa.models.registry import family_of
-from kdgqa.schemes.registry import scheme_class
-from kdgqa.study.calibration_images import (
-    calibration_arguments,
-    dataset_config,
-    training_images,
-)
-from kdgqa.study.config import ExperimentConfig, resolve_conversion, resolve_scheme
+from kdgqa.study.calibration_images import convert_grid_cell, dataset_config
+from kdgqa.study.config import ExperimentConfig, resolve_scheme
 from kdgqa.study.data import Batches, check_dataset, load_splits
 from kdgqa.study.distributed import resolve_device
 
@@ -162,26 +154,19 @@ def grid_fidelity(
     for kv in config.grid.kv_heads:
         cells += [(label, *resolve_scheme(config.grid, label), kv)
                   for label in config.grid.schemes]
-    study_train = None
+    cache: dict[str, Any] = {}
+
+    def study_train() -> Any:  # the study's own calibration images, read once if needed
+        if "train" not in cache:
+            cache["train"] = load_splits(config.data, seed=config.seed).train
+        return cache["train"]
+
     rows = []
     for label, scheme, options, kv in cells:
         model = copy.deepcopy(base)
         if scheme != "mha":
-            extra: dict[str, Any] = {}
-            conversion = resolve_conversion(config.grid, label)
-            steps = conversion.pop("distill_steps")
-            data_pooling = conversion["align"] or conversion["pooling"] in DATA_POOLING
-            if scheme_class(scheme).needs_calibration or data_pooling or steps:
-                if study_train is None:  # the study's own calibration images, as it uses them
-                    study_train = load_splits(config.data, seed=config.seed).train
-                extra = calibration_arguments(scheme, options, study_train, config.data,
-                                              data_pooling=data_pooling)
-            convert(model, scheme, kv, **conversion, **options, **extra)
-            if steps:
-                assert study_train is not None
-                distill_layers(model, base, training_images(study_train, config.data,
-                                                            DISTILL_IMAGES),
-                               steps=steps, seed=config.seed)
+            convert_grid_cell(model, base, config.grid, label, kv, study_train, config.data,
+                              config.seed)
         model.to(dev)
         torch.manual_seed(config.seed)  # schemes with evaluation-time noise draw the same
         fid = compare(reference, model_outputs(model, batches.epoch(0)))

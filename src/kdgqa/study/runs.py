@@ -15,14 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdgqa.conversion.converter import convert
-from kdgqa.conversion.distill import DISTILL_IMAGES, distill_layers
-from kdgqa.conversion.options import DATA_POOLING
 from kdgqa.errors import ConfigError
 from kdgqa.models.locate import attention_heads, kv_cache_bytes_per_token
 from kdgqa.models.registry import family_of
-from kdgqa.study.calibration_images import calibration_arguments, training_images
-from kdgqa.study.config import DataConfig, ExperimentConfig, resolve_conversion, resolve_scheme
+from kdgqa.study.calibration_images import convert_grid_cell
+from kdgqa.study.config import DataConfig, ExperimentConfig, resolve_scheme
 from kdgqa.study.data import Augment, Batches, DataSplits
 from kdgqa.study.distributed import DistContext
 from kdgqa.study.train import TrainResult, evaluate, train
@@ -103,18 +100,10 @@ def execute_run(config: ExperimentConfig, base: nn.Module, splits: DataSplits, s
         family.reset_classifier(model, reset_classifier)
     scheme, options = resolve_scheme(config.grid, spec.scheme)
     if scheme != "mha":
-        conversion = resolve_conversion(config.grid, spec.scheme)
-        steps = conversion.pop("distill_steps")
         # Calibrated schemes, fitted/aligned pooling and distillation use the first training
         # images (no augmentation).
-        extra = calibration_arguments(scheme, options, splits.train, config.data,
-                                      data_pooling=conversion["align"]
-                                      or conversion["pooling"] in DATA_POOLING)
-        convert(model, scheme, spec.kv_heads, **conversion, **options, **extra)
-        if steps:
-            distill_layers(model, base, training_images(splits.train, config.data,
-                                                        DISTILL_IMAGES),
-                           steps=steps, seed=spec.seed)
+        convert_grid_cell(model, base, config.grid, spec.scheme, spec.kv_heads,
+                          lambda: splits.train, config.data, spec.seed)
     model.to(ctx.device)
     tb, vb, teb = make_batches(config.data, splits, config.uptrain.batch_size, spec.seed, ctx)
     converted = evaluate(model, teb, amp=config.uptrain.amp, ctx=ctx)
