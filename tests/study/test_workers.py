@@ -66,3 +66,24 @@ def test_a_worker_killed_from_outside_is_one_line_and_exit_status_1(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "stopped with exit code -9" in lines[0], err[-2000:]
     assert "continue with --resume" in lines[0]
+
+
+def test_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch) -> None:
+    import multiprocessing as mp
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    from kdgqa.study.workers import WorkerPool
+
+    start = mp.context.SpawnProcess.start
+
+    def start_then_interrupt(self) -> None:  # type: ignore[no-untyped-def]
+        start(self)
+        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C while the pool is starting
+
+    monkeypatch.setattr(mp.context.SpawnProcess, "start", start_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), WorkerPool(2):
+        time.sleep(5)  # the interrupt arrives here at the latest, not never

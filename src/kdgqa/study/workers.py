@@ -94,8 +94,13 @@ class WorkerPool:
                                       daemon=True, name=f"kdgqa-grid-{i}")
                 for i in range(self.workers)]
             # Started with Ctrl-C ignored (kept across exec, so also while they import):
-            # the parent answers it for the whole process group and stops the workers.
+            # the parent answers it for the whole process group and stops the workers. The
+            # parent blocks it meanwhile, so a Ctrl-C in that moment stays pending (a blocked
+            # signal is never discarded) and reaches it once its handler is back.
             in_main = threading.current_thread() is threading.main_thread()
+            can_block = in_main and hasattr(signal, "pthread_sigmask")
+            if can_block:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
             try:
                 for process in self._processes:
@@ -103,6 +108,8 @@ class WorkerPool:
             finally:
                 if in_main:
                     signal.signal(signal.SIGINT, previous)
+                if can_block:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         return self
 
     def __exit__(self, *exc: object) -> None:
