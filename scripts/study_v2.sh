@@ -207,10 +207,11 @@ PY
 }
 
 # The conversion grid of issue 15 (configs/study-v2/conversion-tin32.yaml: mean vs fit vs
-# align+fit vs distillation, contiguous and calibrated groups), same recipe and seeds.
-stage_conversion() {
-  unpack
-  local recipe seed i shards=${GRID_SHARDS:-5}
+# align+fit vs distillation, contiguous and calibrated groups), same recipe and seeds. One run
+# per job (CONVERSION_SHARDS, default 15 = the runs of one seed), so these short jobs fill the
+# slots the grid's longer shards leave free at the end of a call.
+conversion_jobs() {
+  local recipe seed i shards=${CONVERSION_SHARDS:-15}
   recipe=$(cat "$S/recipe.txt")
   for seed in ${SEEDS:-0 1 2 3 4}; do
     for i in $(seq 0 $((shards - 1))); do
@@ -218,26 +219,38 @@ stage_conversion() {
 -o $S/conversion/s$seed/shard$i --set model.pretrained=$MODEL --shard $i/$shards --set $recipe \
 --set grid.seeds=[$seed]"
     done
-  done | pool "$(procs)"
-  echo "conversion rows: $(cat "$S"/conversion/s*/shard*/results.jsonl 2>/dev/null | wc -l) of 75"
+  done
+}
+
+stage_conversion() {
+  unpack
+  conversion_jobs | pool "$(procs)"
+  report_counts
+}
+
+grid_jobs() {
+  local recipe gains seed i shards=${GRID_SHARDS:-5}
+  recipe=$(cat "$S/recipe.txt"); gains=$(cat "$S/gain.txt")
+  for seed in ${SEEDS:-0 1 2 3 4}; do
+    for i in $(seq 0 $((shards - 1))); do
+      echo "$S/grid/s$seed/shard$i.log|$(common "$S/grid/s$seed/shard$i") --shard $i/$shards \
+--set $recipe $gains --set grid.seeds=[$seed]"
+    done
+  done
+  echo "$S/mqa.log|$(common "$S/mqa") --set $recipe --set grid.schemes=[mqa] \
+--set grid.kv_heads=[1] --set grid.include_mha=false"
+}
+
+report_counts() {
+  echo "grid rows: $(cat "$S"/grid/s*/shard*/results.jsonl 2>/dev/null | wc -l) of 145, mqa rows: \
+$(cat "$S"/mqa/results.jsonl 2>/dev/null | wc -l) of 5, conversion rows: \
+$(cat "$S"/conversion/s*/shard*/results.jsonl 2>/dev/null | wc -l) of 75"
 }
 
 stage_grid() {
   unpack
-  local recipe gains seed i shards=${GRID_SHARDS:-5}
-  recipe=$(cat "$S/recipe.txt"); gains=$(cat "$S/gain.txt")
-  {
-    echo "$S/mqa.log|$(common "$S/mqa") --set $recipe --set grid.schemes=[mqa] \
---set grid.kv_heads=[1] --set grid.include_mha=false"
-    for seed in ${SEEDS:-0 1 2 3 4}; do
-      for i in $(seq 0 $((shards - 1))); do
-        echo "$S/grid/s$seed/shard$i.log|$(common "$S/grid/s$seed/shard$i") --shard $i/$shards \
---set $recipe $gains --set grid.seeds=[$seed]"
-      done
-    done
-  } | pool "$(procs)"
-  echo "grid rows: $(cat "$S"/grid/s*/shard*/results.jsonl 2>/dev/null | wc -l) of 145, mqa rows: \
-$(cat "$S"/mqa/results.jsonl 2>/dev/null | wc -l) of 5"
+  grid_jobs | pool "$(procs)"
+  report_counts
 }
 
 # Everything small that a later call or session needs, and the logs, into $OUT/state.tgz.
@@ -275,8 +288,10 @@ case "$stage" in
     fi
     [ -f "$S/gain.txt" ] || stage_gain
     [ -f "$S/gain.txt" ] || exit 0
-    stage_grid
-    if [ -n "${WITH_CONVERSION:-}" ] && [ "$(left 60)" -gt 0 ]; then stage_conversion; fi
+    # One pool for both: the grid's long shards first, conversion runs fill the tail.
+    unpack
+    { grid_jobs; [ -z "${WITH_CONVERSION:-}" ] || conversion_jobs; } | pool "$(procs)"
+    report_counts
     ;;
   collect)  # here, after a call: collect state.tgz -> results/study-v2/raw, then the report
     archive=${2:?collect: path of the state.tgz that came back}
