@@ -123,3 +123,56 @@ def test_minimum_detectable_effect_follows_the_median_pair_noise() -> None:
     sd = float(np.std([0.01, -0.01, 0.02, 0.0, -0.02], ddof=1))  # the median of a, c, e
     expected = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * sd / math.sqrt(5)
     assert mde == {2: (pytest.approx(expected), 5)}
+
+
+def test_paired_p_value_is_student_t_two_sided() -> None:
+    from kdgqa.study.report import paired_p_value
+
+    ci = paired_interval([0.3, 0.5, 0.7], [0.2, 0.3, 0.4])  # diffs 0.1, 0.2, 0.3: t = 2 sqrt(3)
+    from scipy import stats
+
+    assert paired_p_value(ci) == pytest.approx(2 * stats.t.sf(2 * math.sqrt(3), 2))
+    assert paired_p_value(paired_interval([0.5], [0.4])) == 1.0
+
+
+def test_holm_keeps_only_what_survives_the_family() -> None:
+    from kdgqa.study.report import holm_significant
+
+    # Three arms against gqa over 5 seeds: a large steady gain, a small one whose unadjusted
+    # p-value is below 5 % but above 5 %/2 (Holm's second threshold), and noise.
+    gqa = [0.50, 0.52, 0.49, 0.51, 0.50]
+    big = [a + d for a, d in zip(gqa, [0.050, 0.051, 0.049, 0.050, 0.052], strict=True)]
+    small = [a + d for a, d in zip(gqa, [0.004, 0.010, 0.000, 0.008, 0.004], strict=True)]
+    noise = [a + d for a, d in zip(gqa, [0.01, -0.01, 0.02, -0.02, 0.0], strict=True)]
+    rows = [_row(name, 2, seed, acc[seed]) for name, acc in
+            (("gqa", gqa), ("big", big), ("small", small), ("noise", noise))
+            for seed in range(5)]
+    summary = summarize(rows)
+    by = {r.scheme: r for r in summary}
+    from kdgqa.study.report import paired_p_value
+
+    assert by["small"].delta_vs_gqa is not None
+    assert 0.05 / 2 < paired_p_value(by["small"].delta_vs_gqa) < 0.05
+    family, kept = holm_significant(summary)
+    assert family == 3 and [r.scheme for r in kept] == ["big"]
+
+
+def test_merged_shards_read_in_config_order(tmp_path: Path) -> None:
+    from kdgqa.study.report import merge_studies
+
+    # Two shards that finished in the opposite order of the config's scheme list.
+    order = ["gqa", "zeta", "alpha"]
+    for i, schemes in enumerate((["alpha"], ["gqa", "zeta"])):
+        d = tmp_path / f"shard{i}"
+        d.mkdir()
+        rows = [_row(s, 2, seed, 0.5 + 0.01 * seed + 0.001 * len(s)) for s in schemes
+                for seed in (0, 1)]
+        (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "config.yaml").write_text(f"grid:\n  schemes: {order}\n")
+        (d / "meta.json").write_text(json.dumps({"name": "s", "command": f"kdgqa shard {i}"}))
+    table = merge_studies([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
+    names = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    assert names == order
+    report = (tmp_path / "merged" / "report.md").read_text()
+    assert "Command of the first of 2 merged parts: `kdgqa shard 0`" in report
+    assert (tmp_path / "merged" / "difference_vs_gqa.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,5 @@
-"""A study's plots: accuracy per scheme, accuracy against KV heads, allocation over training.
+"""A study's plots: accuracy per scheme, accuracy against KV heads, the paired difference to
+gqa with its interval, allocation over training.
 
 Made to be read: axes zoomed to the data with the MHA bound drawn as a line, points with
 error bars rather than bars on a cut axis, schemes whose results are identical in every seed
@@ -112,6 +113,70 @@ def _against_kv(out: Path, lines: dict[str, list[SummaryRow]], mha: Sequence[Sum
     plt.close(fig)
 
 
+def _differences(out: Path, lines: dict[str, list[SummaryRow]], mha: Sequence[SummaryRow],
+                 kvs: list[int], title: str) -> None:
+    """Each scheme minus gqa at the same G with its paired 95 % interval (the table's Δ
+    column), one panel per G, sharing the scheme axis: what the study concludes, at a glance.
+    The MHA - gqa gap is drawn as a line: the most an allocation could win back."""
+    import matplotlib.pyplot as plt
+
+    labels = [label for label, rows in lines.items()
+              if any(r.delta_vs_gqa is not None for r in rows)]
+    kvs = [kv for kv in kvs if any(r.kv_heads == kv and r.delta_vs_gqa is not None
+                                   for label in labels for r in lines[label])]
+    if not labels or not kvs:
+        return
+    fig, axes = plt.subplots(1, len(kvs), figsize=(3.6 * len(kvs) + 2.6, 0.9 + 0.34 * len(labels)),
+                             squeeze=False, sharey=True, layout="constrained")
+    for ax, kv in zip(axes[0], kvs, strict=True):
+        gqa = next((r for r in lines.get("gqa", []) if r.kv_heads == kv), None)
+        gaps = [100 * (r.acc_mean - gqa.acc_mean) for r in mha] if gqa is not None else []
+        # The x range shows losses up to twice the MHA gap (at least 3.5 points); an arm far
+        # beyond is drawn at the edge with its value, so it cannot squeeze the others flat.
+        reach = max(3.5, 2 * max(gaps, default=0.0))
+        highs = [100 * d.high for label in labels for r in lines[label]
+                 if r.kv_heads == kv and (d := r.delta_vs_gqa) is not None
+                 and math.isfinite(d.high)]
+        low_edge, high_edge = -reach, max([1.0, *(1.15 * g for g in gaps), *highs]) + 0.2
+        for i, label in enumerate(labels):
+            row = next((r for r in lines[label] if r.kv_heads == kv), None)
+            d = row.delta_vs_gqa if row is not None else None
+            if row is None or d is None:
+                continue
+            if row.uneven_share == 0.0:
+                ax.plot([0], [i], marker="x", color="#777777", ms=6, ls="none")
+                ax.annotate("never moved (= gqa)", (0, i), xytext=(-7, -3), ha="right",
+                            textcoords="offset points", fontsize=7, color="#555555")
+                continue
+            mean = 100 * d.mean
+            if mean < low_edge:
+                ax.annotate(f"{mean:+.2f}", (low_edge, i), xytext=(14, -3),
+                            textcoords="offset points", fontsize=7, color=PALETTE[0])
+                ax.plot([low_edge], [i], marker="<", color=PALETTE[0], ms=7, ls="none",
+                        clip_on=False)
+                continue
+            finite = math.isfinite(d.low)
+            err = [[mean - max(100 * d.low, low_edge)], [100 * d.high - mean]] if finite else None
+            clear = finite and (d.low > 0 or d.high < 0)
+            ax.errorbar([mean], [i], xerr=err, fmt="o", capsize=3, ms=5,
+                        color=PALETTE[0] if clear else "#777777",
+                        mfc=PALETTE[0] if clear else "white")
+        ax.axvline(0, color="#444444", lw=1)
+        for gap in gaps:
+            ax.axvline(gap, color=PALETTE[1], ls="--", lw=1.2, label=f"MHA - gqa: {gap:+.2f}")
+        ax.set_xlim(low_edge, high_edge)
+        ax.set_title(f"{kv} KV heads", fontsize=9)
+        ax.set_xlabel("Δ test accuracy vs gqa (points)")
+        ax.grid(axis="x", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower left", frameon=False)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(out / "difference_vs_gqa.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _allocation(out: Path, allocation: list[dict[str, Any]]) -> None:
     """Query heads per KV head, per layer, over training: first seed of each key-driven cell."""
     import matplotlib.pyplot as plt
@@ -171,4 +236,7 @@ def write_plots(out: Path, summary: Sequence[SummaryRow], merged: dict[str, list
                 f"Test accuracy per scheme ({what}mean ± std over {seeds} seeds)")
     _against_kv(out, lines, mha, kvs,
                 f"Test accuracy against KV heads ({what}mean ± std over {seeds} seeds)")
+    _differences(out, lines, mha, kvs,
+                 f"Paired difference to gqa ({what}mean and 95 % interval over {seeds} seeds; "
+                 "filled: the interval excludes 0)")
     _allocation(out, allocation)

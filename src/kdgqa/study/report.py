@@ -28,12 +28,14 @@ from kdgqa.study.summary import PairedInterval, SummaryRow
 __all__ = [
     "PairedInterval",
     "SummaryRow",
+    "holm_significant",
     "identical_schemes",
     "load_jsonl",
     "markdown_table",
     "merge_studies",
     "minimum_detectable_effect",
     "paired_interval",
+    "paired_p_value",
     "summarize",
     "uneven_shares",
     "write_report",
@@ -87,6 +89,36 @@ def minimum_detectable_effect(summary: Sequence[SummaryRow], power: float = 0.8
     return dict(sorted(out.items()))
 
 
+def paired_p_value(d: PairedInterval) -> float:
+    """Two-sided p-value of the paired t-test behind ``d`` (1.0 with fewer than two pairs;
+    0.0 for a difference that is the same non-zero number in every seed)."""
+    if d.n < 2:
+        return 1.0
+    if d.sd == 0:
+        return 0.0 if d.mean != 0 else 1.0
+    from scipy import stats
+
+    t = abs(d.mean) / (d.sd / math.sqrt(d.n))
+    return float(2 * stats.t.sf(t, d.n - 1))
+
+
+def holm_significant(summary: Sequence[SummaryRow], alpha: float = 0.05
+                     ) -> tuple[int, list[SummaryRow]]:
+    """The rows whose difference to the reference stays significant when all of the table's
+    comparisons are tested together (Holm's step-down, family-wise error ``alpha``), and the
+    number of comparisons. A grid of many arms yields some unadjusted 95 % intervals that
+    miss zero by chance alone; Holm says which survive that."""
+    tested = [(paired_p_value(d), r) for r in summary
+              if (d := r.delta_vs_gqa) is not None and d.n >= 2 and not (d.sd == 0 and d.mean == 0)]
+    tested.sort(key=lambda pr: pr[0])
+    kept = []
+    for i, (p, r) in enumerate(tested):
+        if p > alpha / (len(tested) - i):
+            break
+        kept.append(r)
+    return len(tested), kept
+
+
 def _std(values: Sequence[float]) -> float:
     if len(values) < 2:
         return 0.0
@@ -117,9 +149,12 @@ def uneven_shares(allocation: Sequence[dict[str, Any]]) -> dict[tuple[str, int],
 
 
 def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa",
-              allocation: Sequence[dict[str, Any]] = ()) -> list[SummaryRow]:
-    """One row per (scheme, G), ordered by G then scheme as first seen; ``allocation`` (the
-    study's allocation log) gives key-driven arms their uneven-map share."""
+              allocation: Sequence[dict[str, Any]] = (),
+              scheme_order: Sequence[str] = ()) -> list[SummaryRow]:
+    """One row per (scheme, G), ordered by G, then the reference, then ``scheme_order`` (the
+    config's list, so merged shards read like one study), then as first seen;
+    ``allocation`` (the study's allocation log) gives key-driven arms their uneven-map
+    share."""
     shares = uneven_shares(allocation)
     cells: dict[tuple[str, int], dict[int, dict[str, Any]]] = defaultdict(dict)
     order: list[tuple[str, int]] = []
@@ -129,8 +164,10 @@ def summarize(rows: Sequence[dict[str, Any]], reference: str = "gqa",
             order.append(key)
         cells[key][int(row["seed"])] = row
     first_seen = {key: i for i, key in enumerate(order)}
-    # MHA reference rows first, then by G with the reference scheme first, then in run order.
-    order.sort(key=lambda k: (k[0] != "mha", k[1], k[0] != reference, first_seen[k]))
+    rank = {scheme: i for i, scheme in enumerate(dict.fromkeys(scheme_order))}
+    # MHA reference rows first, then by G with the reference scheme first, then config order.
+    order.sort(key=lambda k: (k[0] != "mha", k[1], k[0] != reference,
+                              rank.get(k[0], len(rank)), first_seen[k]))
     out = []
     for scheme, kv in order:
         by_seed = cells[(scheme, kv)]
@@ -274,10 +311,11 @@ def write_report(out_dir: str | Path) -> str:
     if not rows:
         raise KdgqaError(f"no results in {out / 'results.jsonl'}")
     allocation = load_jsonl(out / "allocation.jsonl")
-    summary = summarize(rows, allocation=allocation)
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+    summary = summarize(rows, allocation=allocation,
+                        scheme_order=meta.get("scheme_order") or _config_schemes(out))
     merged = identical_schemes(summary)
     table = markdown_table(summary)
-    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
     versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
     data = meta.get("data")
     text = [f"# Study {meta.get('name', out.name)}", ""]
@@ -287,7 +325,10 @@ def write_report(out_dir: str | Path) -> str:
             text += [f"Pretraining data: {meta['pretrain_data']}."]
         text += [""]
     if meta.get("command"):
-        text += [f"Command: `{meta['command']}`", ""]
+        sources = meta.get("merged_from") or []
+        label = (f"Command of the first of {len(sources)} merged parts" if len(sources) > 1
+                 else "Command")
+        text += [f"{label}: `{meta['command']}`", ""]
     text += [table, "",
              "Columns: *test acc* is the accuracy on the test split of the checkpoint chosen on "
              "the validation split, mean ± sample std over seeds. *Δ vs gqa* is the scheme "
@@ -306,6 +347,16 @@ def write_report(out_dir: str | Path) -> str:
                  "differences vary): " + "; ".join(
                      f"{100 * effect:.2f} points at {kv} KV heads ({n} seeds)"
                      for kv, (effect, n) in mde.items()) + "."]
+    family, survivors = holm_significant(summary)
+    if family > 1:
+        text += ["", f"Multiple comparisons: {family} differences to gqa are tested in this "
+                 "table; under Holm's correction (family-wise 5 %) "
+                 + (", ".join(f"{r.scheme} at {r.kv_heads} KV heads "
+                              f"({100 * r.delta_vs_gqa.mean:+.2f})"
+                              for r in survivors if r.delta_vs_gqa is not None)
+                    + " remain significant"
+                    if survivors else "none remains significant")
+                 + "; the other intervals that miss zero may be chance."]
     same = _identical_cells(summary)
     if same:
         text += ["", "Rows joined by `=` are schemes with identical results in every seed ("
@@ -325,6 +376,18 @@ def write_report(out_dir: str | Path) -> str:
     text += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in plots)]
     (out / "report.md").write_text("\n".join(text) + "\n")
     return table
+
+
+def _config_schemes(directory: Path) -> list[str]:
+    """The ``grid.schemes`` list of a study's saved config.yaml (empty if unreadable)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((directory / "config.yaml").read_text())
+        schemes = config["grid"]["schemes"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []
+    return [str(s) for s in schemes] if isinstance(schemes, list) else []
 
 
 def merge_studies(sources: Sequence[str | Path], out_dir: str | Path) -> str:
@@ -360,6 +423,8 @@ def merge_studies(sources: Sequence[str | Path], out_dir: str | Path) -> str:
     if meta_src is not None and meta_src.resolve() != (out / "meta.json").resolve():
         meta = json.loads(meta_src.read_text())
         meta["merged_from"] = [str(d) for d in dirs]
+        meta["scheme_order"] = list(dict.fromkeys(
+            scheme for d in dirs for scheme in _config_schemes(d)))
         (out / "meta.json").write_text(json.dumps(meta, indent=2))
     for name, rows in [("results.jsonl", list(results.values())), *extra.items()]:
         tmp = out / f".{name}.tmp"
