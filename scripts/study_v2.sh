@@ -237,8 +237,14 @@ grid_jobs() {
 --set $recipe $gains --set grid.seeds=[$seed]"
     done
   done
-  echo "$S/mqa.log|$(common "$S/mqa") --set $recipe --set grid.schemes=[mqa] \
+  # A started MQA control resumes from its own saved config (it was begun before the gain
+  # default changed in the grid config, which does not touch MQA but fails resume's check).
+  if [ -f "$S/mqa/config.yaml" ]; then
+    echo "$S/mqa.log|$S/mqa/config.yaml -o $S/mqa"
+  else
+    echo "$S/mqa.log|$(common "$S/mqa") --set $recipe --set grid.schemes=[mqa] \
 --set grid.kv_heads=[1] --set grid.include_mha=false"
+  fi
 }
 
 report_counts() {

@@ -149,3 +149,39 @@ def test_fidelity_refuses_data_of_another_task_in_one_line(
     status, _, err = _cli(capsys, "fidelity", str(digits_study), "--data", "digits",
                           "--set", "model.pretrained=null")
     assert status == 2 and "needs model.pretrained" in err
+
+
+def test_per_layer_models_convert_one_layer_each() -> None:
+    import copy
+
+    from kdgqa.models.locate import grouped_layers
+    from kdgqa.study.fidelity import per_layer_models
+
+    torch.manual_seed(0)
+    base = create_timm_vit(**{**TINY_VIT, "depth": 2}).eval()
+    converted = convert(copy.deepcopy(base), "gqa", 2)
+    hybrids = list(per_layer_models(base, converted))
+    assert [(i, p) for i, p, _ in hybrids] == [(0, "blocks.0.attn"), (1, "blocks.1.attn")]
+    reference = model_outputs(base, _batches())
+    for index, _path, hybrid in hybrids:
+        assert [p for p, _ in grouped_layers(hybrid)] == [f"blocks.{index}.attn"]
+        assert compare(reference, model_outputs(hybrid, _batches())).logit_relative_error > 1e-4
+    # The sources are left as they were: base is MHA, converted keeps both grouped layers.
+    assert list(grouped_layers(base)) == [] and len(list(grouped_layers(converted))) == 2
+
+
+def test_fidelity_per_layer_rows(digits_study: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "layers.json"
+    status, printed, err = _cli(capsys, "fidelity", str(digits_study), "--data", "digits",
+                                "--images", "100", "--device", "cpu", "--per-layer",
+                                "--set", "grid.schemes=[gqa]", "--set", "grid.kv_heads=[3]",
+                                "-o", str(out))
+    assert status == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    # The digits model has one block: the whole conversion and "only layer 0" are one model.
+    whole, layer0 = [r for r in rows if r["scheme"] == "gqa"]
+    assert "layer" not in whole and layer0["layer"] == 0 and layer0["path"] == "blocks.0.attn"
+    assert layer0["agreement"] == whole["agreement"]
+    assert layer0["feature_cosine"] == pytest.approx(whole["feature_cosine"], abs=1e-6)
+    assert "| gqa | 3/6 | 0 only |" in printed and "| gqa | 3/6 | all |" in printed

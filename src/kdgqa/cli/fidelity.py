@@ -31,15 +31,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also one row per attention layer: the MHA model with only that "
+                        "layer converted")
     parser.add_argument("--output", "-o", default=None, metavar="FILE",
                         help="also write every row as JSON (written whole or not at all)")
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| scheme | KV heads | top-1 % | agrees with MHA % | feature cosine | "
-             "logit rel. error |", "|---|---:|---:|---:|---:|---:|"]
+    layered = any("layer" in r for r in rows)
+    lines = ["| scheme | KV heads | " + ("converted layers | " if layered else "")
+             + "top-1 % | agrees with MHA % | feature cosine | logit rel. error |",
+             "|---|---:|" + ("---:|" if layered else "") + "---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['scheme']} | {r['kv_heads']}/{r['num_heads']} | "
+        where = (f"{r['layer']} only | " if "layer" in r else "all | ") if layered else ""
+        lines.append(f"| {r['scheme']} | {r['kv_heads']}/{r['num_heads']} | {where}"
                      f"{100 * r['top1']:.2f} | {100 * r['agreement']:.2f} | "
                      f"{r['feature_cosine']:.4f} | {r['logit_relative_error']:.4f} |")
     return "\n".join(lines)
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     rows, images, device = grid_fidelity(config, args.data, images=args.images,
                                  batch_size=args.batch_size, device=args.device,
-                                 log=lambda m: print(m, flush=True))
+                                 per_layer=args.per_layer, log=lambda m: print(m, flush=True))
     print(_table(rows))
     if args.output is not None:
         doc = {"config": str(args.config), "overrides": args.overrides,

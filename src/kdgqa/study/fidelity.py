@@ -22,14 +22,14 @@ from torch import Tensor, nn
 
 from kdgqa.errors import ConfigError
 from kdgqa.io.sources import load_model
-from kdgqa.models.locate import attention_heads
+from kdgqa.models.locate import attention_heads, grouped_layers, set_submodule
 from kdgqa.models.registry import family_of
 from kdgqa.study.calibration_images import convert_grid_cell, dataset_config
 from kdgqa.study.config import ExperimentConfig, resolve_scheme
 from kdgqa.study.data import Batches, check_dataset, load_splits
 from kdgqa.study.distributed import resolve_device
 
-__all__ = ["Fidelity", "Outputs", "compare", "grid_fidelity", "model_outputs"]
+__all__ = ["Fidelity", "Outputs", "compare", "grid_fidelity", "model_outputs", "per_layer_models"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,17 @@ def compare(reference: Outputs, candidate: Outputs) -> Fidelity:
     )
 
 
+def per_layer_models(base: nn.Module, converted: nn.Module) -> Iterable[tuple[int, str, nn.Module]]:
+    """``(index, path, hybrid)`` for each converted attention layer of ``converted``: a copy of
+    the MHA model ``base`` in which only that layer is the converted one. Comparing each hybrid
+    with ``base`` says which layer's conversion costs the model most (in the first study, layer
+    0 alone lost most of it)."""
+    for index, (path, layer) in enumerate(grouped_layers(converted)):
+        hybrid = copy.deepcopy(base)
+        set_submodule(hybrid, path, copy.deepcopy(layer))
+        yield index, path, hybrid
+
+
 def grid_fidelity(
     config: ExperimentConfig,
     data: str,
@@ -117,6 +128,7 @@ def grid_fidelity(
     images: int = 2000,
     batch_size: int = 256,
     device: str = "auto",
+    per_layer: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], int, str]:
     """Convert every cell of ``config``'s grid from ``model.pretrained`` exactly as
@@ -124,6 +136,8 @@ def grid_fidelity(
     training split) and compare each with the MHA model on a seeded sample of ``images``
     test images of ``data`` (``NAME:ROOT`` or an image folder of the model's own task).
 
+    With ``per_layer``, each converted cell also gets one row per attention layer (``layer``,
+    ``path``) for the model in which only that layer is converted (:func:`per_layer_models`).
     Returns one row per cell (MHA first), the number of images compared and the device.
     No training.
     """
@@ -175,4 +189,15 @@ def grid_fidelity(
         if log is not None:
             log(f"{label} G={kv}: top-1 {100 * fid.top1:.2f} %, agrees with MHA "
                 f"{100 * fid.agreement:.2f} %, feature cosine {fid.feature_cosine:.4f}")
+        if not per_layer or scheme == "mha":
+            continue
+        for index, path, hybrid in per_layer_models(base, model):
+            torch.manual_seed(config.seed)
+            fid = compare(reference, model_outputs(hybrid.to(dev), batches.epoch(0)))
+            rows.append({"scheme": label, "base_scheme": scheme, "scheme_options": options,
+                         "kv_heads": kv, "num_heads": heads, "layer": index, "path": path,
+                         **vars(fid)})
+            if log is not None:
+                log(f"  {label} G={kv} only layer {index} ({path}): agrees with MHA "
+                    f"{100 * fid.agreement:.2f} %, feature cosine {fid.feature_cosine:.4f}")
     return rows, len(pick), str(dev)
