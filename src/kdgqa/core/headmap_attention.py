@@ -197,7 +197,7 @@ if _HAS_TRITON:
     def _dq_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, map_ptr, lse_ptr, delta_ptr, dq_ptr,
         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
-        map_b, heads, tokens, head_dim, qk_scale, sm_scale,
+        sdq_b, sdq_h, sdq_n, map_b, heads, tokens, head_dim, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
@@ -234,7 +234,7 @@ if _HAS_TRITON:
             dp = tl.dot(do, tl.trans(vb), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PRECISION)
-        tl.store(dq_ptr + b64 * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
+        tl.store(dq_ptr + b64 * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :],
                  (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=qmask)
 
     @triton.jit
@@ -353,12 +353,13 @@ if _HAS_TRITON:
             BLOCK_M=block_m, BLOCK_D=block_d,
         )
         rows, map_b = _rows(head_map)
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dq = q.new_empty(q.shape)
         wrap_triton(_dq_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
             q, k, v, grad, rows, lse, delta, dq,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), grad.stride(0), grad.stride(1),
-            grad.stride(2), map_b, heads, tokens, dim, scale * _LOG2E, scale,
+            grad.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), map_b, heads, tokens, dim,
+            scale * _LOG2E, scale,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
         )
         # Query heads grouped by KV head, ascending within a group: the keys g * H + h are
@@ -379,13 +380,13 @@ if _HAS_TRITON:
         )
         return dq, dk, dv
 
-    def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    def _setup_context(ctx, inputs, output):
         q, k, v, head_map, scale, block_m, block_n = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, head_map)
         ctx.scale, ctx.block_m, ctx.block_n = scale, block_m, block_n
 
-    def _backward(ctx, grad_out, grad_lse):  # type: ignore[no-untyped-def]
+    def _backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, head_map = ctx.saved_tensors
         dq, dk, dv = _bwd_op(grad_out.contiguous(), q, k, v, out, lse, head_map, ctx.scale,
                              ctx.block_m, ctx.block_n)
