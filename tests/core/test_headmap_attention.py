@@ -73,13 +73,12 @@ SCRIPT = textwrap.dedent(
         gen = torch.Generator().manual_seed(0)
         dtype = getattr(torch, c.get("dtype", "float32"))
         b, h, g, n, d = c["b"], c["h"], c["g"], c["n"], c["d"]
-        if c.get("strided"):  # q as a view of a token-major (B, N, H, D) tensor
-            q = torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2)
+        if c.get("strided"):  # q, k, v: views of one token-major fused projection
+            qkv = torch.randn(b, n, h + 2 * g, d, generator=gen).to(dtype).requires_grad_()
+            q, k, v = qkv.transpose(1, 2).split([h, g, g], dim=1)
         else:
-            q = torch.randn(b, h, n, d, generator=gen).to(dtype)
-        k = torch.randn(b, g, n, d, generator=gen).to(dtype)
-        v = torch.randn(b, g, n, d, generator=gen).to(dtype)
-        q, k, v = (x.requires_grad_() for x in (q, k, v))
+            q, k, v = (torch.randn(b, x, n, d, generator=gen).to(dtype).requires_grad_()
+                       for x in (h, g, g))
         grad = torch.randn(b, h, n, d, generator=gen).to(dtype)
         m = head_map(c, gen)
         got = run(c, q, k, v, m, grad)
@@ -93,6 +92,7 @@ SCRIPT = textwrap.dedent(
         }
         results[name]["bitwise_repeat"] = all(torch.equal(x, y) for x, y in zip(got, again))
         results[name]["dtypes"] = [str(x.dtype) for x in got]
+        results[name]["inner_stride_1"] = all(x.stride(-1) == 1 for x in got)
     print(json.dumps(results))
     """
 )
@@ -260,3 +260,14 @@ def test_cuda_kernel_is_faster_than_expanding_kv():
         return start.elapsed_time(end) / 20
 
     assert ms(kernel) < ms(expand)
+
+
+@cuda
+def test_cuda_headmap_training_step_never_synchronises():
+    import kdgqa
+    from conftest import assert_training_steps_never_synchronise
+
+    module = kdgqa.GroupedQueryAttention(384, 6, 3, "kdgqa").to("cuda", torch.bfloat16)
+    module.expand_method = "headmap"
+    x = torch.randn(4, 197, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert_training_steps_never_synchronise(module, x)

@@ -242,6 +242,7 @@ if _HAS_TRITON:
         q_ptr, k_ptr, v_ptr, do_ptr, perm_ptr, offsets_ptr, lse_ptr, delta_ptr,
         dk_ptr, dv_ptr,
         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
+        sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
         perm_b, offsets_b, heads, kv_heads, tokens, head_dim, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -288,13 +289,10 @@ if _HAS_TRITON:
                 dpt = tl.dot(vb, dot_, input_precision=PRECISION)
                 dst = pt * (dpt - delta[None, :])
                 dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
-        out_k = dk_ptr + bg.to(tl.int64) * tokens * head_dim
-        out_v = dv_ptr + bg.to(tl.int64) * tokens * head_dim
-        omask = n_ok[:, None] & d_ok[None, :]
-        tl.store(out_k + offs_n[:, None] * head_dim + offs_d[None, :],
-                 (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=omask)
-        tl.store(out_v + offs_n[:, None] * head_dim + offs_d[None, :],
-                 dv.to(dv_ptr.dtype.element_ty), mask=omask)
+        tl.store(dk_ptr + b64 * sdk_b + g * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :],
+                 (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kmask)
+        tl.store(dv_ptr + b64 * sdv_b + g * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=kmask)
 
     def _precision(dtype: torch.dtype) -> str:
         """fp32 inputs are multiplied in full fp32 ("ieee"), not tf32: this op promises fp32
@@ -309,6 +307,13 @@ if _HAS_TRITON:
     def _inner_contiguous(x: Tensor) -> Tensor:
         return x if x.stride(-1) == 1 else x.contiguous()
 
+    def _token_major(like: Tensor, heads: int) -> Tensor:
+        """An empty ``(B, heads, N, D)`` view of a ``(B, N, heads, D)`` tensor: the layout
+        of heads cut from a fused projection, so the caller's ``(B, N, heads * D)`` reshape
+        (or the backward's concatenation into the qkv gradient) needs no copy."""
+        batch, _, tokens, dim = like.shape
+        return like.new_empty((batch, tokens, heads, dim)).transpose(1, 2)
+
     @triton_op("kdgqa::headmap_attention_fwd", mutates_args=())
     def _fwd_op(
         q: Tensor, k: Tensor, v: Tensor, head_map: Tensor, scale: float,
@@ -318,7 +323,7 @@ if _HAS_TRITON:
             return _reference_forward(q, k, v, head_map, scale)
         batch, heads, tokens, dim = q.shape
         q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
-        out = q.new_empty(q.shape)
+        out = _token_major(q, heads)
         lse = q.new_empty((batch, heads, tokens), dtype=torch.float32)
         rows, map_b = _rows(head_map)
         grid = (triton.cdiv(tokens, block_m), batch * heads)
@@ -353,7 +358,7 @@ if _HAS_TRITON:
             BLOCK_M=block_m, BLOCK_D=block_d,
         )
         rows, map_b = _rows(head_map)
-        dq = q.new_empty(q.shape)
+        dq = _token_major(q, heads)
         wrap_triton(_dq_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
             q, k, v, grad, rows, lse, delta, dq,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -368,13 +373,13 @@ if _HAS_TRITON:
         perm = key.argsort(dim=-1).to(torch.int32).contiguous()
         counts = (rows[:, :, None] == torch.arange(kv_heads, device=rows.device)).sum(1)
         offsets = F.pad(counts.cumsum(1), (1, 0)).to(torch.int32).contiguous()
-        dk = k.new_empty((batch, kv_heads, tokens, dim))
-        dv = v.new_empty((batch, kv_heads, tokens, dim))
+        dk, dv = _token_major(k, kv_heads), _token_major(v, kv_heads)
         wrap_triton(_dkdv_kernel)[(triton.cdiv(tokens, block_n), batch * kv_heads)](
             q, k, v, grad, perm, offsets, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), grad.stride(0), grad.stride(1),
-            grad.stride(2), map_b, offsets.stride(0) if offsets.shape[0] > 1 else 0,
+            grad.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0),
+            dv.stride(1), dv.stride(2), map_b, offsets.stride(0) if offsets.shape[0] > 1 else 0,
             heads, kv_heads, tokens, dim, scale * _LOG2E, scale,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
         )
@@ -388,7 +393,7 @@ if _HAS_TRITON:
 
     def _backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, head_map = ctx.saved_tensors
-        dq, dk, dv = _bwd_op(grad_out.contiguous(), q, k, v, out, lse, head_map, ctx.scale,
+        dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, head_map, ctx.scale,
                              ctx.block_m, ctx.block_n)
         return dq, dk, dv, None, None, None, None
 
