@@ -179,6 +179,13 @@ def test_bad_shapes_raise_one_line(shapes, message):
         headmap_attention(q, k, v, torch.zeros(shapes[3], dtype=torch.long))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_map_on_another_device_raises():
+    q, k, v, m, _ = _inputs(per_sample=False, device="cuda")
+    with pytest.raises(KdgqaError, match="head_map is on cpu"):
+        headmap_attention(q, k, v, m.cpu())
+
+
 def test_bad_block_size_raises():
     q, k, v, m, _ = _inputs(per_sample=False)
     with pytest.raises(KdgqaError, match="block_m must be a power of two"):

@@ -49,6 +49,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, head_map: Tensor) -> None:
     if head_map.shape not in ((h,), (b, h)) or head_map.dtype.is_floating_point:
         raise KdgqaError(f"headmap_attention: head_map must be an integer ({h},) or ({b}, {h}) "
                          f"tensor; got {head_map.dtype} {tuple(head_map.shape)}")
+    if head_map.device != q.device:
+        raise KdgqaError(f"headmap_attention: head_map is on {head_map.device}, expected q's "
+                         f"device {q.device}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise KdgqaError(f"headmap_attention: q, k, v must share one of float32/float16/"
                          f"bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -279,14 +282,14 @@ if _HAS_TRITON:
                 qmask_t = d_ok[:, None] & m_ok[None, :]
                 qt = tl.load(q_base + rows[None, :] * sq_n + offs_d[:, None], mask=qmask_t,
                              other=0.0)
-                dot_ = tl.load(do_base + rows[None, :] * sdo_n + offs_d[:, None], mask=qmask_t,
+                do_t = tl.load(do_base + rows[None, :] * sdo_n + offs_d[:, None], mask=qmask_t,
                                other=0.0)
                 lse = tl.load(lse_ptr + row_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
                 delta = tl.load(delta_ptr + row_base + rows, mask=m_ok, other=0.0)
                 st = tl.dot(kb, qt, input_precision=PRECISION) * qk_scale
                 pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-                dv += tl.dot(pt.to(dot_.dtype), tl.trans(dot_), input_precision=PRECISION)
-                dpt = tl.dot(vb, dot_, input_precision=PRECISION)
+                dv += tl.dot(pt.to(do_t.dtype), tl.trans(do_t), input_precision=PRECISION)
+                dpt = tl.dot(vb, do_t, input_precision=PRECISION)
                 dst = pt * (dpt - delta[None, :])
                 dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
         tl.store(dk_ptr + b64 * sdk_b + g * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :],
@@ -417,7 +420,10 @@ def headmap_attention(
     checked: reading them would synchronise). ``scale`` defaults to ``D ** -0.5``. No mask,
     no dropout. On CUDA (or under ``TRITON_INTERPRET=1`` on CPU) it runs the Triton kernels,
     elsewhere the same math in PyTorch; gradients are deterministic on both. ``block_m`` and
-    ``block_n`` override the tile sizes (powers of two, at least 16). Returns ``(B, H, N, D)``.
+    ``block_n`` override the tile sizes (powers of two, at least 16). Returns ``(B, H, N, D)``;
+    from the kernels it is a view of token-major ``(B, N, H, D)`` memory, the layout the
+    caller's ``(B, N, H * D)`` reshape wants. fp32 inputs are multiplied in full fp32 (no
+    tf32), half inputs on tensor cores, always accumulating in fp32.
     """
     if not _HAS_TRITON:  # no op to register: the reference (its CPU backward is ordered)
         return headmap_attention_reference(q, k, v, head_map, scale)
