@@ -41,6 +41,7 @@ CASES: dict[str, dict[str, Any]] = {
     "mqa_g1_n13_d64": dict(b=1, h=4, g=1, n=13, d=64, map="uniform"),
     "mha_g_eq_h_n13_d32": dict(b=2, h=3, g=3, n=13, d=32, map="permuted"),
     "unused_kv_heads_n13_d32": dict(b=2, h=4, g=3, n=13, d=32, map="unused", bm=16, bn=16),
+    "vit_tokens_n197_d64": dict(b=1, h=3, g=2, n=197, d=64, map="uneven"),
     "d128_n13_scale03": dict(b=1, h=4, g=2, n=13, d=128, map="uneven", scale=0.3),
     "d48_not_a_power_of_two": dict(b=1, h=4, g=2, n=13, d=48, map="per_sample"),
     "fp16_per_sample_n65_d64": dict(b=2, h=4, g=2, n=65, d=64, map="per_sample",
