@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True)")
     parser.add_argument("--expand-method", default="auto",
                         choices=["auto", "triton", "index_select", "advanced_index", "gather",
-                                 "onehot", "split"])
+                                 "onehot", "split", "headmap"])
     parser.add_argument("--perturb-method", default="auto", choices=list(PERTURB_METHODS),
                         help="how pgqa's noise step runs (autograd: the plain tensor ops)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],

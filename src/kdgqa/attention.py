@@ -85,7 +85,8 @@ class GroupedQueryAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.last_kv_index: Tensor | None = None
         #: How uneven maps expand K/V (see ``kdgqa.core.ops.expand_kv``; ``"split"`` runs static
-        #: uneven groups as one native-GQA call per group size); kept for benchmarking.
+        #: uneven groups as one native-GQA call per group size, ``"headmap"`` the fused
+        #: head-map kernel on CUDA without expanding); kept for benchmarking.
         self.expand_method = "auto"
 
     @property

@@ -107,3 +107,33 @@ def test_a_key_driven_module_trains_alike_in_deterministic_mode():
         torch.use_deterministic_algorithms(was)
     for got, want in zip(deterministic, default, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("per_input", [False, True])
+def test_headmap_option_leaves_cpu_on_the_expansion_path(per_input):
+    """``expand_method="headmap"`` only changes CUDA: on CPU it is ``auto``, bit for bit."""
+    q = torch.randn(2, 6, 5, 8)
+    kv = torch.randn(2, 5, 6, 8)
+    index = torch.randint(0, 3, (2, 6) if per_input else (6,))
+    auto = grouped_attention(q, kv, index, uniform=False)
+    assert torch.equal(grouped_attention(q, kv, index, uniform=False, expand_method="headmap"),
+                       auto)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("per_input", [False, True])
+def test_headmap_option_on_cuda_equals_the_expansion_path(per_input):
+    qkv = torch.randn(4, 197, 12 + 2 * 5, 64, device="cuda", dtype=torch.bfloat16,
+                      requires_grad=True)
+    q, kv = qkv.split([12, 10], dim=2)
+    index = torch.randint(0, 5, (4, 12) if per_input else (12,), device="cuda")
+    grad = torch.randn(4, 12, 197, 64, device="cuda", dtype=torch.bfloat16)
+    outs, grads = [], []
+    for method in ("headmap", "auto"):
+        out = grouped_attention(q.transpose(1, 2), kv, index, uniform=False,
+                                expand_method=method)
+        outs.append(out.float())
+        grads.append(torch.autograd.grad(out, qkv, grad)[0].float())
+    # bf16 results (8 mantissa bits) of different but fp32-accumulated summation orders
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=5e-2)

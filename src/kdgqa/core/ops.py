@@ -6,6 +6,11 @@ everywhere else K and V are first expanded to one head per query head with a sin
 by ``kv_index`` and handed to SDPA as plain multi-head attention. Neither path loops over
 groups or asks the host what the allocation is, so no GPU->CPU synchronisation happens.
 
+Opt-in (``expand_method="headmap"``), an uneven or per-sample map on CUDA without mask,
+dropout or causality is served by :func:`kdgqa.core.headmap_attention.headmap_attention`,
+one fused kernel that reads each query head's KV head from the map: no expansion, and a
+backward without atomics. Elsewhere that option falls back to ``auto``.
+
 A *static* uneven allocation (contiguous groups whose sizes the host already knows, e.g.
 ``calibrated``) has a third path: one native-GQA call per distinct group size, each on the
 slice of query heads and KV heads whose groups have that size. The number of calls is fixed
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdgqa.core.headmap_attention import headmap_attention
 from kdgqa.core.kernels import expand_heads_triton
 from kdgqa.errors import KdgqaError
 
@@ -119,6 +125,8 @@ def grouped_attention(
     ``static_counts`` promises that ``kv_index`` is the contiguous map of these group sizes
     and never changes: where native GQA is fused (or ``expand_method="split"``), attention
     then runs as one native-GQA call per run of equal group sizes instead of expanding K/V.
+    ``expand_method="headmap"`` runs the head-map kernel instead of expanding where it
+    applies (CUDA, no mask, no dropout, not causal; see the module docstring).
     Returns ``(B, H, N, D)``.
     """
     num_heads, num_kv_heads = q.shape[1], kv.shape[2] // 2
@@ -136,6 +144,11 @@ def grouped_attention(
         expand_method == "split" or (expand_method == "auto" and native_gqa_is_fused(q, attn_mask))
     ):
         return _split_attention(q, kv, static_counts, attn_mask, dropout_p, is_causal)
+    if expand_method == "headmap":
+        if q.is_cuda and attn_mask is None and dropout_p == 0.0 and not is_causal:
+            k, v = kv.transpose(1, 2).chunk(2, dim=1)
+            return headmap_attention(q, k, v, kv_index)
+        expand_method = "auto"  # the kernel has no mask/dropout/causal and no CPU build
     if expand_method == "split":  # nothing static to split by: expand as usual
         expand_method = "auto"
     k, v = expand_kv(kv, kv_index, expand_method).transpose(1, 2).chunk(2, dim=1)
