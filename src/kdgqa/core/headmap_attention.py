@@ -37,8 +37,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, head_map: Tensor) -> None:
-    """One-line errors for shapes the kernel cannot serve (values of the map are not read:
-    that would synchronise with the device; an entry outside ``[0, G)`` is undefined)."""
+    """One-line errors for shapes the kernel cannot serve (values of the map
+    are not read here: that would synchronise; :func:`headmap_attention` asserts them on the
+    device)."""
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise KdgqaError(f"headmap_attention wants q (B, H, N, D) and k, v (B, G, N, D); got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -416,14 +417,14 @@ def headmap_attention(
     """Softmax attention in which query head ``h`` reads KV head ``head_map[(b,) h]``.
 
     ``q`` is ``(B, H, N, D)``; ``k`` and ``v`` are ``(B, G, N, D)``; ``head_map`` is an integer
-    ``(H,)`` map shared by the batch or ``(B, H)`` per sample, entries in ``[0, G)`` (not
-    checked: reading them would synchronise). ``scale`` defaults to ``D ** -0.5``. No mask,
-    no dropout. On CUDA (or under ``TRITON_INTERPRET=1`` on CPU) it runs the Triton kernels,
-    elsewhere the same math in PyTorch; gradients are deterministic on both. ``block_m`` and
-    ``block_n`` override the tile sizes (powers of two, at least 16). Returns ``(B, H, N, D)``;
-    from the kernels it is a view of token-major ``(B, N, H, D)`` memory, the layout the
-    caller's ``(B, N, H * D)`` reshape wants. fp32 inputs are multiplied in full fp32 (no
-    tf32), half inputs on tensor cores, always accumulating in fp32.
+    ``(H,)`` map shared by the batch or ``(B, H)`` per sample, entries in ``[0, G)`` (checked
+    on CUDA by a device-side assert, without a host sync). ``scale`` defaults to ``D ** -0.5``.
+    No mask, no dropout. On CUDA (or under ``TRITON_INTERPRET=1`` on CPU) it runs the Triton
+    kernels, elsewhere the same math in PyTorch; gradients are deterministic on both.
+    ``block_m`` and ``block_n`` override the tile sizes (powers of two, at least 16). Returns
+    ``(B, H, N, D)``; from the kernels it is a view of token-major ``(B, N, H, D)`` memory, the
+    layout the caller's ``(B, N, H * D)`` reshape wants. fp32 inputs are multiplied in full
+    fp32 (no tf32), half inputs on tensor cores, always accumulating in fp32.
     """
     if not _HAS_TRITON:  # no op to register: the reference (its CPU backward is ordered)
         return headmap_attention_reference(q, k, v, head_map, scale)
@@ -435,5 +436,10 @@ def headmap_attention(
             raise KdgqaError(f"headmap_attention: {name} must be a power of two >= 16; "
                              f"got {size}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.device.type == "cuda":
+        # An entry outside [0, G) would make the kernels read foreign memory. A device-side
+        # assert checks the map without a host sync (it fails at the next synchronisation).
+        torch._assert_async(((head_map >= 0) & (head_map < k.shape[1])).all(),
+                            "headmap_attention: head_map entries must be in [0, G)")
     out, _ = _fwd_op(q, k, v, head_map, scale, block_m, block_n)
     return out
