@@ -1,8 +1,8 @@
 """Model families: everything that differs between timm and Hugging Face models.
 
 ``base`` defines the :class:`ModelFamily` interface, ``registry`` knows the families,
-``locate`` finds attention layers whatever the family; ``timm_vit`` and ``hf_vit`` are the
-built-in families, registered when this package is imported.
+``locate`` finds attention layers whatever the family; ``timm_vit``, ``hf_vit`` and
+``timm_eva`` are the built-in families, registered when this package is imported.
 """
 
 from kdgqa.models.base import Features, InputGeometry, MHAWeights, ModelFamily
@@ -23,10 +23,12 @@ from kdgqa.models.registry import (
     family_of_attention,
     register_model_family,
 )
+from kdgqa.models.timm_eva import TimmEva
 from kdgqa.models.timm_vit import TimmViT
 
 register_model_family(TimmViT())
 register_model_family(HFViT())
+register_model_family(TimmEva())
 
 __all__ = [
     "AttentionLayer",
