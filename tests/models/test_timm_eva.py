@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,9 @@ from kdgqa.conversion.converter import convert
 from kdgqa.errors import ConversionError
 from kdgqa.io.checkpoint import load, save_pretrained
 from kdgqa.io.export import export_mha
-from kdgqa.models import family_of, find_attention
+from kdgqa.models import family_of
 from kdgqa.models.timm_eva import TimmEva, create_timm_eva
+from reference import assert_close_logits, pooled_mha
 
 TINY_EVA = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=6, num_classes=5)
 # eva02_tiny: rope ('cat'), SwiGLU MLP, fc_norm; the extras switch on the other layouts.
@@ -44,40 +44,16 @@ def _eva(**extra: Any) -> nn.Module:
     return model.eval()
 
 
-def _pooled_mha(model: nn.Module, groups: int) -> nn.Module:
-    """``model`` with each group's K/V projections replaced by their mean, still MHA."""
-    ref = copy.deepcopy(model)
-    for layer in find_attention(ref):
-        w = layer.weights
-        heads, dim = w.num_heads, w.head_dim
-
-        def pool(t: Tensor | None, heads: int = heads, dim: int = dim) -> Tensor | None:
-            if t is None:
-                return None
-            rows = t.reshape(groups, heads // groups, dim, *t.shape[1:])
-            return rows.mean(1, keepdim=True).expand_as(rows).reshape(t.shape).clone()
-
-        layer.family.write_attention(layer.module, replace(
-            w, k_weight=pool(w.k_weight), v_weight=pool(w.v_weight), k_bias=pool(w.k_bias),
-            v_bias=pool(w.v_bias)))
-    return ref
-
-
-def _close(a: Tensor, b: Tensor) -> None:
-    # fp32, a few hundred accumulations per logit: 1e-5 of the logits' scale.
-    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_eva_converts_exactly(variant: str, images: Tensor) -> None:
     model = _eva(**VARIANTS[variant])
     assert isinstance(family_of(model), TimmEva)
     with torch.no_grad():
         full = convert(copy.deepcopy(model), "gqa", 6)
-        _close(full(images), model(images))
+        assert_close_logits(full(images), model(images))
         grouped = convert(copy.deepcopy(model), "gqa", 2)
         assert isinstance(grouped.blocks[0].attn, GroupedQueryAttention)
-        _close(grouped(images), _pooled_mha(model, 2)(images))
+        assert_close_logits(grouped(images), pooled_mha(model, 2)(images))
 
 
 def test_eva_round_trips_and_exports_mha(tmp_path: Path, images: Tensor) -> None:
@@ -92,7 +68,7 @@ def test_eva_round_trips_and_exports_mha(tmp_path: Path, images: Tensor) -> None
     plain = timm.create_model(f"local-dir:{tmp_path / 'mha'}", pretrained=True).eval()
     assert not any(isinstance(m, GroupedQueryAttention) for m in plain.modules())
     with torch.no_grad():
-        _close(plain(images), model(images))
+        assert_close_logits(plain(images), model(images))
 
 
 def test_eva_refuses_what_it_cannot_keep_exact() -> None:
@@ -128,4 +104,4 @@ def test_cli_converts_a_local_eva_checkpoint(tmp_path: Path, images: Tensor,
     converted = load(tmp_path / "out")
     assert converted.blocks[1].attn.num_kv_heads == 3
     with torch.no_grad():
-        _close(converted(images), _pooled_mha(model, 3)(images))
+        assert_close_logits(converted(images), pooled_mha(model, 3)(images))
