@@ -88,6 +88,11 @@ def test_eva_refuses_what_it_cannot_keep_exact() -> None:
             convert(_eva(qk_norm=True), "gqa", 2, calibration=calibration, **kwargs)
     with pytest.raises(ConversionError, match="scale-norm"):
         convert(_eva(scale_attn_inner=True), "calibrated", 2, calibration=calibration)
+    with pytest.raises(ConversionError, match="rotary position embedding"):
+        convert(_eva(), "gqa", 2, calibration=calibration, align=True)
+    torch.manual_seed(0)  # Eva's class defaults (no rope, no norms) take fit and align
+    plain = create_timm_eva(**TINY_EVA)
+    convert(plain, "gqa", 2, pooling="fit", align=True, calibration=calibration)
 
 
 def test_cli_converts_a_local_eva_checkpoint(tmp_path: Path, images: Tensor,

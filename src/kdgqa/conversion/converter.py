@@ -209,7 +209,7 @@ def convert(
     heads = sorted({layer.weights.num_heads for layer in layers})
     if (data_pooling or scheme_class(scheme).needs_calibration) and not recorded:
         for layer in layers:
-            reason = layer.family.data_pooling_reason(layer.module)
+            reason = layer.family.data_pooling_reason(model, layer.module)
             if reason:
                 what = (f"scheme {scheme!r}" if scheme_class(scheme).needs_calibration
                         else "align" if align else f"pooling {pooling!r}")

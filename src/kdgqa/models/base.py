@@ -95,10 +95,10 @@ class ModelFamily(ABC):
         """Raise ``ConversionError`` when attention is found only in part of ``model``
         (e.g. blocks whose attention is fused into the block); by default nothing to check."""
 
-    def data_pooling_reason(self, module: nn.Module) -> str | None:
+    def data_pooling_reason(self, model: nn.Module, module: nn.Module) -> str | None:
         """Why data-driven pooling or grouping (``pooling="fit"``, ``align``, calibrated
-        schemes) would not be exact on ``module`` (e.g. a norm between the projections and
-        the logits), or None when it is; by default None."""
+        schemes) would not be exact on attention ``module`` of ``model`` (e.g. a norm between
+        the projections and the logits), or None when it is; by default None."""
         return None
 
     @abstractmethod

@@ -18,8 +18,9 @@ or separate ``q_proj`` / ``k_proj`` / ``v_proj``. Why pooling K/V stays exact wi
 
 Gated attention, ``AttentionRope`` with fewer KV heads already, and ``AttentionRope`` outside
 an ``Eva`` are refused. ``pooling="fit"``, ``align`` and calibrated schemes assume logits
-linear in the K projection and outputs linear in V, which rope, qk-norm and scale-norm break,
-so they are refused on such layers.
+``q . k`` linear in the K projection and outputs linear in V; rope (``align``'s rotations
+do not commute with it), qk-norm and scale-norm break that, so they are refused on such
+models.
 """
 
 from __future__ import annotations
@@ -92,9 +93,10 @@ class EvaRotary(nn.Module):
         return f"num_prefix_tokens={self.num_prefix_tokens}, rotate_half={self.rotate_half}"
 
 
-def _extras_reason(attn: Any) -> str | None:
+def _extras_reason(attn: Any, rope: bool) -> str | None:
     """Why a data-driven pooling/grouping would not be exact on ``attn`` (None: it would)."""
     found = [name for name, present in (
+        ("rotary position embedding", rope),
         ("qk-norm", not _identity(getattr(attn, "q_norm", None))),
         ("scale-norm", not _identity(getattr(attn, "norm", None))),
     ) if present]
@@ -198,8 +200,9 @@ class TimmEva(TimmViT):
                                   "serve a group exactly")
         super().check_model(model, attention_paths)
 
-    def data_pooling_reason(self, module: nn.Module) -> str | None:
-        return _extras_reason(module)
+    def data_pooling_reason(self, model: nn.Module, module: nn.Module) -> str | None:
+        rope = getattr(model, "rope", None) is not None
+        return _extras_reason(module, rope)
 
     def grouped_attention(self, module: nn.Module, weights: MHAWeights, num_kv_heads: int,
                           scheme: str, options: dict[str, Any]) -> GroupedQueryAttention:

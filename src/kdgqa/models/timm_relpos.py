@@ -130,7 +130,7 @@ class _RelPosFamily(TimmViT):
                           proj_drop=float(attn.proj_drop.p)
                           if isinstance(attn.proj_drop, nn.Dropout) else 0.0)
 
-    def data_pooling_reason(self, module: nn.Module) -> str | None:
+    def data_pooling_reason(self, model: nn.Module, module: nn.Module) -> str | None:
         return "per-head relative position bias"
 
     def grouped_attention(self, module: nn.Module, weights: MHAWeights, num_kv_heads: int,
