@@ -111,6 +111,8 @@ def _static(groups: list[int]) -> nn.Module:
     (lambda: convert(create_timm_vit("deit_tiny_distilled_patch16_224", **TINY_VIT), "gqa", 3),
      "distillation token"),
     (lambda: convert(create_timm_eva(**TINY_EVA, use_post_norm=True), "gqa", 3), "post-norm"),
+    (lambda: convert(create_timm_vit("beit_base_patch16_224", **TINY_VIT), "gqa", 3),
+     "only timm Eva and timm VisionTransformer"),
 ])
 def test_native_export_refuses_with_the_reason(tmp_path: Path, make: Any, match: str) -> None:
     with pytest.raises(ExportError, match=match):

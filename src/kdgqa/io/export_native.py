@@ -140,7 +140,7 @@ def _native_plan(model: nn.Module) -> tuple[str, dict[str, Any], bool]:
         if spec.get("name"):
             return str(spec["name"]), dict(spec.get("kwargs") or {}), False
         return EVA_STAND_IN, eva_full_kwargs(dict(spec.get("kwargs") or {})), False
-    if isinstance(family, TimmViT):
+    if type(family) is TimmViT:  # not its subclasses (BEiT, Swin have no native layout)
         return EVA_STAND_IN, eva_full_kwargs(_vit_as_eva(model)), True
     raise ExportError(f"cannot export a {type(model).__name__} as native GQA: only timm Eva "
                       "and timm VisionTransformer sources are supported; use export_mha")
