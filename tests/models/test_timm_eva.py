@@ -110,3 +110,18 @@ def test_cli_converts_a_local_eva_checkpoint(tmp_path: Path, images: Tensor,
     assert converted.blocks[1].attn.num_kv_heads == 3
     with torch.no_grad():
         assert_close_logits(converted(images), pooled_mha(model, 3)(images))
+
+
+def test_distillation_refuses_layers_fed_with_rope() -> None:
+    from kdgqa.conversion.distill import distill_layers
+
+    calibration = torch.randn(4, 3, 32, 32)
+    original = _eva()
+    converted = convert(copy.deepcopy(original), "gqa", 2)
+    with pytest.raises(ConversionError, match="'rope'"):
+        distill_layers(converted, original, calibration, steps=1, batch_size=2, images=4)
+    torch.manual_seed(0)
+    plain = create_timm_eva(**TINY_EVA, qk_norm=True)  # no rope: nothing beside the input
+    grouped = convert(copy.deepcopy(plain), "gqa", 2)
+    reports = distill_layers(grouped, plain, calibration, steps=1, batch_size=2, images=4)
+    assert len(reports) == 2
