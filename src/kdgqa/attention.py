@@ -41,7 +41,8 @@ class GroupedQueryAttention(nn.Module):
     a KV head pooled from a group is normalised as every head of it was); ``rotary(t, rope)``
     rotates queries and keys ``(B, heads, N, head_dim)`` by the ``rope`` tensor the parent
     passes to ``forward`` (after the norms, as timm's Eva does); ``out_norm`` normalises the
-    concatenated head outputs before ``proj``.
+    concatenated head outputs before ``proj``. Key-driven schemes then score the keys after
+    norms and rotation, the keys attention actually uses.
     """
 
     def __init__(
