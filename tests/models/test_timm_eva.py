@@ -78,6 +78,10 @@ def test_eva_refuses_what_it_cannot_keep_exact() -> None:
     gated.blocks[0].attn = EvaAttention(48, 6, gated=True, scale_norm=False, num_prefix_tokens=1)
     with pytest.raises(ConversionError, match="gated attention"):
         convert(gated, "gqa", 2)
+    per_head = _eva(qk_norm=True)
+    per_head.blocks[0].attn.k_norm = nn.LayerNorm([6, 1, 8])  # weights per head: refused
+    with pytest.raises(ConversionError, match="shared by every head"):
+        convert(per_head, "gqa", 2)
     with pytest.raises(ConversionError, match="mixed"):
         convert(_eva(rope_type="mixed"), "gqa", 2)
     with pytest.raises(ConversionError, match="KV heads already"):

@@ -143,6 +143,12 @@ class TimmEva(TimmViT):
             raise ConversionError(f"cannot convert module {label!r}: gated attention is not "
                                   "supported")
         heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+        for name in ("q_norm", "k_norm"):
+            norm: Any = getattr(attn, name, None)
+            if not _identity(norm) and any(p.numel() != head_dim for p in norm.parameters()):
+                # A per-head norm would have to be pooled too: one KV head, several norms.
+                raise ConversionError(f"cannot convert module {label!r}: {name} must be one "
+                                      f"norm over head_dim={head_dim} shared by every head")
         kv_heads = int(getattr(attn, "num_kv_heads", heads))
         if kv_heads != heads:
             raise ConversionError(f"cannot convert module {label!r}: it has {kv_heads} KV "
