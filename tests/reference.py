@@ -60,3 +60,34 @@ def all_partitions(n: int, k: int, equal: bool = False) -> list[list[list[int]]]
             seen.add(key)
             out.append([list(g) for g in key])
     return out
+
+
+def pooled_mha(model: torch.nn.Module, groups: int) -> torch.nn.Module:
+    """A copy of MHA ``model`` whose K/V projections are replaced, head by head, by the mean
+    of their contiguous group of ``groups``: still MHA, written through each family's
+    ``write_attention``. A grouped conversion with mean pooling must compute exactly this."""
+    import copy
+    from dataclasses import replace
+
+    from kdgqa.models import find_attention
+
+    ref = copy.deepcopy(model)
+    for layer in find_attention(ref):
+        w = layer.weights
+        heads, dim = w.num_heads, w.head_dim
+
+        def pool(t: Tensor | None, heads: int = heads, dim: int = dim) -> Tensor | None:
+            if t is None:
+                return None
+            rows = t.reshape(groups, heads // groups, dim, *t.shape[1:])
+            return rows.mean(1, keepdim=True).expand_as(rows).reshape(t.shape).clone()
+
+        layer.family.write_attention(layer.module, replace(
+            w, k_weight=pool(w.k_weight), v_weight=pool(w.v_weight), k_bias=pool(w.k_bias),
+            v_bias=pool(w.v_bias)))
+    return ref
+
+
+def assert_close_logits(got: Tensor, want: Tensor) -> None:
+    """Within 1e-5 of the logits' scale: fp32, a few hundred accumulations per logit."""
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

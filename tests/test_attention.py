@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from kdgqa import GroupedQueryAttention, available_schemes
+from kdgqa import GroupedQueryAttention, SchemeError, available_schemes
 from reference import naive_attention
 
 DIM, HEADS = 48, 6
@@ -143,3 +143,27 @@ def test_uneven_groups_are_accepted_by_key_driven_schemes():
         module(torch.randn(2, 3, DIM))
         counts = torch.bincount(module.last_kv_index, minlength=kv_heads)
         assert counts.sum() == HEADS and bool((counts >= 1).all())
+
+
+def test_optional_norms_and_rotary_are_absent_by_default_and_applied_when_given():
+    plain = GroupedQueryAttention(48, 6, 2)
+    assert set(plain.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+    x = torch.randn(2, 5, 48)
+    with pytest.raises(SchemeError, match="rope= but has no rotary"):
+        plain(x, rope=torch.zeros(5, 16))
+
+    def rotary(t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        return t * rope  # any per-token map of (B, heads, N, D): here a scaling
+
+    torch.manual_seed(0)
+    extra = GroupedQueryAttention(48, 6, 2, q_norm=torch.nn.LayerNorm(8),
+                                  k_norm=torch.nn.LayerNorm(8), rotary=rotary,
+                                  out_norm=torch.nn.LayerNorm(48))
+    rope = torch.rand(5, 8) + 0.5
+    qkv = extra.qkv(x).view(2, 5, 10, 8)
+    q = rotary(extra.q_norm(qkv[:, :, :6].transpose(1, 2)), rope)
+    k = rotary(extra.k_norm(qkv[:, :, 6:8].transpose(1, 2)), rope).repeat_interleave(3, dim=1)
+    v = qkv[:, :, 8:].transpose(1, 2).repeat_interleave(3, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    want = extra.proj(extra.out_norm(out.transpose(1, 2).reshape(2, 5, 48)))
+    torch.testing.assert_close(extra(x, rope=rope), want)

@@ -2,7 +2,8 @@
 
 Core: ``GroupedQueryAttention`` with schemes from ``available_schemes()`` (add one with
 ``register_scheme``). Conversion of pretrained timm / Hugging Face ViTs: ``convert``;
-checkpoints: ``save_pretrained`` / ``load``; plain MHA export: ``export_mha``. Studies:
+checkpoints: ``save_pretrained`` / ``load``; plain MHA export: ``export_mha``; native timm GQA
+export (fewer K/V heads on disk): ``export_native``. Studies:
 ``run_experiment`` (``kdgqa experiment``). Errors on bad input: ``KdgqaError``.
 
 Names are imported on first use, so ``import kdgqa`` (and the CLI's ``--help``) loads
@@ -38,9 +39,11 @@ if TYPE_CHECKING:
     )
     from kdgqa.io.checkpoint import load, save_pretrained
     from kdgqa.io.export import export_mha
+    from kdgqa.io.export_native import export_native
     from kdgqa.io.sources import load_model
     from kdgqa.models.base import ModelFamily
     from kdgqa.models.registry import register_model_family
+    from kdgqa.models.timm_eva import create_timm_eva
     from kdgqa.models.timm_vit import create_timm_vit
     from kdgqa.schemes.base import QueryAllocator
     from kdgqa.schemes.key_driven import set_stats_reducer
@@ -70,9 +73,11 @@ _WHERE = {
     "load": "kdgqa.io.checkpoint",
     "save_pretrained": "kdgqa.io.checkpoint",
     "export_mha": "kdgqa.io.export",
+    "export_native": "kdgqa.io.export_native",
     "load_model": "kdgqa.io.sources",
     "ModelFamily": "kdgqa.models.base",
     "register_model_family": "kdgqa.models.registry",
+    "create_timm_eva": "kdgqa.models.timm_eva",
     "create_timm_vit": "kdgqa.models.timm_vit",
     "QueryAllocator": "kdgqa.schemes.base",
     "set_stats_reducer": "kdgqa.schemes.key_driven",
@@ -108,9 +113,11 @@ __all__ = [
     "build_allocator",
     "convert",
     "counts_to_kv_index",
+    "create_timm_eva",
     "create_timm_vit",
     "even_counts",
     "export_mha",
+    "export_native",
     "load",
     "load_config",
     "load_model",

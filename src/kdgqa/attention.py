@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,15 @@ class GroupedQueryAttention(nn.Module):
     width ``(H + 2G) * head_dim``; attention is a single SDPA call whatever the allocation.
     After each forward, ``last_kv_index`` holds the map that was used: ``(H,)``, or ``(B, H)``
     for per-input schemes.
+
+    Optional pieces, for model families whose attention has them (all absent by default, and
+    then the module is exactly the plain one): ``q_norm`` / ``k_norm`` act on each head's
+    ``(..., head_dim)`` queries / keys after the projection (one module shared by all heads, so
+    a KV head pooled from a group is normalised as every head of it was); ``rotary(t, rope)``
+    rotates queries and keys ``(B, heads, N, head_dim)`` by the ``rope`` tensor the parent
+    passes to ``forward`` (after the norms, as timm's Eva does); ``out_norm`` normalises the
+    concatenated head outputs before ``proj``. Key-driven schemes then score the keys after
+    norms and rotation, the keys attention actually uses.
     """
 
     def __init__(
@@ -47,6 +57,10 @@ class GroupedQueryAttention(nn.Module):
         *,
         head_dim: int | None = None,
         proj_bias: bool = True,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        rotary: Callable[[Tensor, Tensor], Tensor] | None = None,
+        out_norm: nn.Module | None = None,
         **scheme_options: Any,
     ) -> None:
         super().__init__()
@@ -83,6 +97,11 @@ class GroupedQueryAttention(nn.Module):
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        # Registered only when given, so the plain module's repr and state dict are unchanged.
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.rotary = rotary
+        self.out_norm = out_norm
         self.last_kv_index: Tensor | None = None
         #: How uneven maps expand K/V (see ``kdgqa.core.ops.expand_kv``; ``"split"`` runs static
         #: uneven groups as one native-GQA call per group size, ``"headmap"`` the fused
@@ -95,16 +114,22 @@ class GroupedQueryAttention(nn.Module):
         return dict(self.allocator.options)
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+        rope: Tensor | None = None,
     ) -> Tensor:
         batch, tokens, _ = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x).view(batch, tokens, heads + 2 * kv_heads, head_dim)
         # One split (not three slices) so backward assembles the qkv gradient with one cat.
         q, kv = qkv.split([heads, 2 * kv_heads], dim=2)
+        q = q.transpose(1, 2)
+        if rope is not None and self.rotary is None:
+            raise SchemeError("this GroupedQueryAttention was given rope= but has no rotary")
+        if self.q_norm is not None or self.k_norm is not None or rope is not None:
+            q, kv = self._shape_qk(q, kv, rope)
         kv_index = self.allocator(kv[:, :, :kv_heads].transpose(1, 2))
         out = grouped_attention(
-            q.transpose(1, 2), kv, kv_index,
+            q, kv, kv_index,
             uniform=self.allocator.uniform,
             attn_mask=attn_mask,
             dropout_p=self.attn_drop if self.training else 0.0,
@@ -115,7 +140,25 @@ class GroupedQueryAttention(nn.Module):
         out = self.allocator.perturb(out, kv_index)
         self.last_kv_index = kv_index.detach()
         out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        if self.out_norm is not None:
+            out = self.out_norm(out)
         return self.proj_drop(self.proj(out))
+
+    def _shape_qk(self, q: Tensor, kv: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Queries ``(B, H, N, D)`` and token-major K/V ``(B, N, 2G, D)`` with the q/k norms
+        and the rotary embedding applied (norms first, as in timm's Eva)."""
+        kv_heads = self.num_kv_heads
+        k, v = kv.split([kv_heads, kv_heads], dim=2)
+        k = k.transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if rope is not None:
+            assert self.rotary is not None
+            q, k = self.rotary(q, rope), self.rotary(k, rope).type_as(v)
+            q = q.type_as(v)
+        return q, torch.cat([k.transpose(1, 2), v], dim=2)
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Bytes of K and V one token occupies in an inference cache for this layer."""

@@ -32,7 +32,8 @@ MODELS = {"timm": _timm, "hf": _hf}
 
 
 def test_both_families_are_registered_once():
-    assert [f.library for f in families()] == ["timm", "transformers"]
+    assert [f.library for f in families()] == ["timm", "transformers", "timm-eva", "timm-beit",
+                                                "timm-swin"]
 
 
 @pytest.mark.parametrize("kind", MODELS)

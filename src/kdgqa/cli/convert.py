@@ -64,8 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timm architecture of a checkpoint file without config.json")
     parser.add_argument("--model-arg", action="append", type=_key_value, default=[],
                         metavar="KEY=VALUE", help="timm constructor argument for --arch")
-    parser.add_argument("--format", choices=("kdgqa", "mha"), default="kdgqa",
-                        help="kdgqa checkpoint (default) or a plain MHA export (static schemes)")
+    parser.add_argument("--format", choices=("kdgqa", "mha", "native"), default="kdgqa",
+                        help="kdgqa checkpoint (default), a plain MHA export (static schemes), "
+                        "or a native timm GQA export with G K/V heads (timm Eva and ViT "
+                        "sources, contiguous equal groups; needs a timm whose Eva takes "
+                        "num_kv_heads)")
     parser.add_argument("--max-shard-size", default="10GB", help="largest safetensors shard")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
 
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from kdgqa.io.checkpoint import parse_size, save_pretrained
     from kdgqa.io.durable import write_new_dir
     from kdgqa.io.export import export_mha
+    from kdgqa.io.export_native import export_native
     from kdgqa.io.sources import load_model
     from kdgqa.models.locate import kv_cache_bytes_per_token
     from kdgqa.models.registry import family_of
@@ -132,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     kv_after = kv_cache_bytes_per_token(model, dtype)
     if args.format == "mha":
         write_new_dir(args.out, lambda d: export_mha(model, d), overwrite=args.overwrite)
+    elif args.format == "native":
+        write_new_dir(args.out, lambda d: export_native(model, d), overwrite=args.overwrite)
     else:
         write_new_dir(args.out, lambda d: save_pretrained(model, d, args.max_shard_size),
                       overwrite=args.overwrite)
@@ -146,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
                 "copy of the K/V head it reads; it loads without kdgqa and computes what the "
                 "grouped model computes",
                 f"as a kdgqa model it would be {grouped}"]
+    elif args.format == "native":
+        held = [f"the file holds a native timm GQA model (Eva with num_kv_heads): {grouped}; "
+                "it loads with timm alone (timm.create_model('local-dir:DIR', "
+                "pretrained=True))"]
     else:
         held = [f"the file holds the grouped model: {grouped}"]
     lines = [

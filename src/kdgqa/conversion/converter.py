@@ -207,6 +207,15 @@ def convert(
         raise ConversionError(f"calibration_images must be an integer >= 1, got {count!r}")
     layers = find_attention(model)
     heads = sorted({layer.weights.num_heads for layer in layers})
+    if (data_pooling or scheme_class(scheme).needs_calibration) and not recorded:
+        for layer in layers:
+            reason = layer.family.data_pooling_reason(model, layer.module)
+            if reason:
+                what = (f"scheme {scheme!r}" if scheme_class(scheme).needs_calibration
+                        else "align" if align else f"pooling {pooling!r}")
+                raise ConversionError(
+                    f"cannot convert module {layer.path!r} with {what}: its {reason} makes "
+                    "the calibration objective inexact; use mean pooling of contiguous groups")
 
     moments: dict[str, InputMoments] = {}
 

@@ -52,7 +52,7 @@ def _output(result: Any) -> Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
-def _capture(model: nn.Module, module: nn.Module, batches: Sequence[Tensor]
+def _capture(model: nn.Module, module: nn.Module, batches: Sequence[Tensor], path: str = ""
              ) -> tuple[Tensor, Tensor]:
     """Inputs and outputs of ``module`` while ``model`` runs on ``batches`` (no grad)."""
     seen_in: list[Tensor] = []
@@ -62,6 +62,15 @@ def _capture(model: nn.Module, module: nn.Module, batches: Sequence[Tensor]
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
         if not isinstance(x, Tensor):
             raise ConversionError("cannot read the input of an attention layer to distil it")
+        side = [name for name, value in kwargs.items()
+                if isinstance(value, Tensor) and value is not x] + [
+            f"argument {i}" for i, value in enumerate(args[1:], 1) if isinstance(value, Tensor)]
+        if side:
+            # Rope, window masks, shared position biases: the layer alone would run without
+            # them (and random picks of windows would not match a window mask).
+            raise ConversionError(f"cannot distil {path or 'this layer'!r}: its attention is "
+                                  f"also given {side[0]!r}, which layer-wise distillation "
+                                  "does not replay")
         seen_in.append(x.detach())
         seen_out.append(_output(result).detach())
 
@@ -122,7 +131,7 @@ def distill_layers(
     reports = []
     for path in conversion["layers"]:
         layer = converted.get_submodule(path)
-        inputs, targets = _capture(original, original.get_submodule(path), batches)
+        inputs, targets = _capture(original, original.get_submodule(path), batches, path)
         core = _grouped_core(layer)
         query_rows = core.num_heads * core.head_dim
         params = [p for p in (core.qkv.weight, core.qkv.bias) if p is not None]

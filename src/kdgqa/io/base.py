@@ -61,6 +61,7 @@ def base_spec(model: nn.Module) -> dict[str, Any]:
             _check_rebuild(spec, model)
             return spec
     raise SourceError(
-        f"cannot save a {type(model).__name__}: expected a timm VisionTransformer(Distilled) or "
-        "a transformers ViTModel/ViTForImageClassification/ViTForMaskedImageModeling"
+        f"cannot save a {type(model).__name__}: expected a timm VisionTransformer(Distilled), "
+        "a transformers ViTModel/ViTForImageClassification/ViTForMaskedImageModeling, or a "
+        "model built by kdgqa.create_timm_vit(NAME, ...) / create_timm_eva or load_model"
     )

@@ -26,7 +26,7 @@ from kdgqa.io.base import base_spec, build_base
 from kdgqa.io.weights import safetensors_failure
 from kdgqa.models.base import MHAWeights
 from kdgqa.models.locate import grouped_layers
-from kdgqa.models.registry import family_for_library
+from kdgqa.models.registry import family_for_library, family_of_attention
 
 __all__ = ["export_mha", "fixed_kv_index"]
 
@@ -85,7 +85,11 @@ def export_mha(model: nn.Module, directory: str | Path) -> Path:
     base.load_state_dict(copied, strict=False)
     family = family_for_library(spec.get("library"))
     for path, module, kv_index in plans:
-        family.write_attention(base.get_submodule(path), expanded_weights(module, kv_index))
+        target = base.get_submodule(path)
+        # The attention's own family: one library (timm) serves several families.
+        writer = family_of_attention(target) or family
+        writer.write_attention(target, expanded_weights(module, kv_index))
+        writer.write_extras(target, module)
     base.to(grouped[0][1].qkv.weight.dtype)
 
     directory = Path(directory)

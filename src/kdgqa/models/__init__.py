@@ -1,8 +1,9 @@
 """Model families: everything that differs between timm and Hugging Face models.
 
 ``base`` defines the :class:`ModelFamily` interface, ``registry`` knows the families,
-``locate`` finds attention layers whatever the family; ``timm_vit`` and ``hf_vit`` are the
-built-in families, registered when this package is imported.
+``locate`` finds attention layers whatever the family; ``timm_vit``, ``hf_vit``,
+``timm_eva`` and ``timm_relpos`` (BEiT, Swin) are the built-in families, registered when
+this package is imported.
 """
 
 from kdgqa.models.base import Features, InputGeometry, MHAWeights, ModelFamily
@@ -23,10 +24,15 @@ from kdgqa.models.registry import (
     family_of_attention,
     register_model_family,
 )
+from kdgqa.models.timm_eva import TimmEva
+from kdgqa.models.timm_relpos import TimmBeit, TimmSwin
 from kdgqa.models.timm_vit import TimmViT
 
 register_model_family(TimmViT())
 register_model_family(HFViT())
+register_model_family(TimmEva())
+register_model_family(TimmBeit())
+register_model_family(TimmSwin())
 
 __all__ = [
     "AttentionLayer",

@@ -95,6 +95,12 @@ class ModelFamily(ABC):
         """Raise ``ConversionError`` when attention is found only in part of ``model``
         (e.g. blocks whose attention is fused into the block); by default nothing to check."""
 
+    def data_pooling_reason(self, model: nn.Module, module: nn.Module) -> str | None:
+        """Why data-driven pooling or grouping (``pooling="fit"``, ``align``, calibrated
+        schemes) would not be exact on attention ``module`` of ``model`` (e.g. a norm between
+        the projections and the logits), or None when it is; by default None."""
+        return None
+
     @abstractmethod
     def grouped_attention(self, module: nn.Module, weights: MHAWeights, num_kv_heads: int,
                           scheme: str, options: dict[str, Any]) -> GroupedQueryAttention:
@@ -103,6 +109,10 @@ class ModelFamily(ABC):
     @abstractmethod
     def write_attention(self, module: nn.Module, weights: MHAWeights) -> None:
         """Copy ``weights`` (one K/V head per query head) into an MHA ``module``."""
+
+    def write_extras(self, module: nn.Module, grouped: GroupedQueryAttention) -> None:  # noqa: B027
+        """Copy what ``grouped`` holds besides its projections (q/k norms, output norm) into
+        the family's own attention ``module``; by default there is nothing."""
 
     @abstractmethod
     def features(self, model: nn.Module, x: Tensor) -> Features:
