@@ -61,6 +61,6 @@ def base_spec(model: nn.Module) -> dict[str, Any]:
             _check_rebuild(spec, model)
             return spec
     raise SourceError(
-        f"cannot save a {type(model).__name__}: expected a timm VisionTransformer(Distilled) or "
-        "a transformers ViTModel/ViTForImageClassification/ViTForMaskedImageModeling"
+        f"cannot save a {type(model).__name__}: expected a model of one of the families "
+        + ", ".join(f.name for f in families())
     )

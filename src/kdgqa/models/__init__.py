@@ -1,12 +1,14 @@
 """Model families: everything that differs between timm and Hugging Face models.
 
 ``base`` defines the :class:`ModelFamily` interface, ``registry`` knows the families,
-``locate`` finds attention layers whatever the family; ``timm_vit`` and ``hf_vit`` are the
-built-in families, registered when this package is imported.
+``locate`` finds attention layers whatever the family; ``timm_vit`` (timm) and ``hf_family``
+(transformers, one adapter per architecture: ``hf_vit``, ``hf_deit``, ``hf_dinov2``,
+``hf_clip``, ``hf_siglip``, ``hf_beit``) are the built-in families, registered when this
+package is imported.
 """
 
 from kdgqa.models.base import Features, InputGeometry, MHAWeights, ModelFamily
-from kdgqa.models.hf_vit import HFViT
+from kdgqa.models.hf_family import HFVision
 from kdgqa.models.locate import (
     AttentionLayer,
     attention_heads,
@@ -26,7 +28,7 @@ from kdgqa.models.registry import (
 from kdgqa.models.timm_vit import TimmViT
 
 register_model_family(TimmViT())
-register_model_family(HFViT())
+register_model_family(HFVision())
 
 __all__ = [
     "AttentionLayer",

@@ -91,6 +91,12 @@ class ModelFamily(ABC):
         """The projections of ``module``; ``ConversionError`` naming ``label`` when the
         configuration cannot be reproduced."""
 
+    def keeps(self, module: nn.Module) -> bool:
+        """Whether ``module`` is an attention this family deliberately leaves multi-head
+        (e.g. a latent-query pooling head); conversion skips it and everything inside it.
+        By default none."""
+        return False
+
     def check_model(self, model: nn.Module, attention_paths: list[str]) -> None:  # noqa: B027
         """Raise ``ConversionError`` when attention is found only in part of ``model``
         (e.g. blocks whose attention is fused into the block); by default nothing to check."""

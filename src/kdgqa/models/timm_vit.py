@@ -1,8 +1,14 @@
-"""timm's ``VisionTransformer`` family: ViT, DeiT (distilled too), register tokens.
+"""timm's ``VisionTransformer`` family: ViT, DeiT (distilled, DeiT III), DINOv2-style (layer
+scale, registers), CLIP and SigLIP image towers, qk-norm ViTs.
 
 Attention is timm's ``Attention`` (fused ``qkv`` Linear, optional qkv/proj bias, any head
 dim), found in ``timm.layers`` (1.0.2x+) or ``timm.models.vision_transformer`` (early
-1.0.x); variants with qk-norm, scale-norm, a gate or a different output width are refused.
+1.0.x). qk-norm is kept (:mod:`kdgqa.models.timm_qknorm`); scale-norm, a gate, a different
+output width and blocks with fused attention (``ParallelScalingBlock``) are refused. The
+latent-query pooling head of ``global_pool='map'`` (``AttentionPoolLatent``) is left
+multi-head: it is a cross-attention from one learned query, whose keys and values are
+computed once per image and never cached, so grouping them saves no cache memory and would
+only change the function.
 A model is recorded by its timm name (``timm.create_model``) or its class and constructor
 arguments, read back from its modules and checked by rebuilding the structure.
 """
@@ -19,6 +25,7 @@ from torch import Tensor, nn
 from kdgqa.attention import GroupedQueryAttention
 from kdgqa.errors import ConversionError, ExportError, SourceError
 from kdgqa.models.base import Features, InputGeometry, MHAWeights, ModelFamily
+from kdgqa.models.timm_qknorm import QKNormGroupedQueryAttention, shared_head_norm
 
 __all__ = ["TIMM_VIT_CLASSES", "TimmViT", "create_timm_vit", "jsonable", "timm_spec"]
 
@@ -70,6 +77,19 @@ def _attention_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def _pool_classes() -> tuple[type, ...]:
+    try:
+        from timm.layers import AttentionPoolLatent
+    except ImportError:
+        return ()
+    return (AttentionPoolLatent,)
+
+
+def _has_qk_norm(attn: Any) -> bool:
+    return not (_identity(getattr(attn, "q_norm", None))
+                and _identity(getattr(attn, "k_norm", None)))
+
+
 def _model_class(name: str) -> type[nn.Module]:
     from timm.models import deit, vision_transformer
 
@@ -116,6 +136,10 @@ def _constructor_arguments(model: Any) -> dict[str, Any]:
         "fc_norm": not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity),
         "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
     }
+    if _has_qk_norm(attn):
+        kwargs["qk_norm"] = True
+    if type(getattr(block.mlp, "act", None)).__name__ == "QuickGELU":
+        kwargs["act_layer"] = "quick_gelu"
     if ls is not None and not isinstance(ls, nn.Identity):
         kwargs["init_values"] = 1e-5
     if getattr(model, "pos_embed", None) is None:
@@ -128,13 +152,18 @@ class TimmViT(ModelFamily):
 
     name = "timm ViT"
     library = "timm"
-    supported = "timm Attention (fused qkv, no qk-norm, scale-norm or gate)"
+    supported = "timm Attention (fused qkv; qk-norm over head_dim; no scale-norm or gate)"
 
     def owns(self, model: nn.Module) -> bool:
         return type(model).__name__ in TIMM_VIT_CLASSES and hasattr(model, "blocks")
 
     def is_attention(self, module: nn.Module) -> bool:
         return type(module) in _attention_classes()
+
+    def keeps(self, module: nn.Module) -> bool:
+        """timm's ``AttentionPoolLatent`` (``global_pool='map'``) stays multi-head: see the
+        module docstring."""
+        return isinstance(module, _pool_classes())
 
     def read_attention(self, module: nn.Module, label: str) -> MHAWeights:
         attn: Any = module
@@ -143,9 +172,13 @@ class TimmViT(ModelFamily):
         if extra:
             raise ConversionError(f"cannot convert module {label!r}: unknown submodule "
                                   f"{extra[0]!r} in timm Attention")
-        if not (_identity(getattr(attn, "q_norm", None))
-                and _identity(getattr(attn, "k_norm", None))):
-            raise ConversionError(f"cannot convert module {label!r}: qk-norm is not supported")
+        head_dim = int(attn.head_dim)
+        if _has_qk_norm(attn) and not all(
+                shared_head_norm(getattr(attn, n), head_dim) for n in ("q_norm", "k_norm")):
+            raise ConversionError(
+                f"cannot convert module {label!r}: its qk-norm does not normalise over "
+                f"head_dim={head_dim} with weights shared by all heads, so a pooled key has "
+                "no norm to use")
         if not _identity(getattr(attn, "norm", None)):
             raise ConversionError(f"cannot convert module {label!r}: scale-norm is not "
                                   "supported")
@@ -191,11 +224,21 @@ class TimmViT(ModelFamily):
 
     def grouped_attention(self, module: nn.Module, weights: MHAWeights, num_kv_heads: int,
                           scheme: str, options: dict[str, Any]) -> GroupedQueryAttention:
+        if _has_qk_norm(module):
+            attn: Any = module
+            return QKNormGroupedQueryAttention(weights.width, weights.num_heads, num_kv_heads,
+                                               scheme, q_norm=attn.q_norm, k_norm=attn.k_norm,
+                                               **options)
         return GroupedQueryAttention(weights.width, weights.num_heads, num_kv_heads, scheme,
                                      **options)
 
     def write_attention(self, module: nn.Module, weights: MHAWeights) -> None:
         attn: Any = module
+        if _has_qk_norm(attn):
+            # MHAWeights carries the four projections only; the trained q/k norms would be
+            # lost and the exported model silently differ.
+            raise ExportError("cannot write a qk-norm timm Attention back as MHA: the norms "
+                              "are not part of the projections kdgqa exports")
         with torch.no_grad():
             attn.qkv.weight.copy_(torch.cat([weights.q_weight, weights.k_weight,
                                              weights.v_weight]))
