@@ -37,6 +37,9 @@ class MHAWeights:
     o_bias: Tensor | None
     attn_drop: float = 0.0
     proj_drop: float = 0.0
+    #: Keys are normalised after the projection (qk-norm): rotating heads (``align``) or
+    #: fitting K from moments (``pooling="fit"``) reasons about raw projections and is refused.
+    key_norm: bool = False
 
     @property
     def width(self) -> int:

@@ -30,6 +30,6 @@ class BeitArchitecture(HFArchitecture):
     def pooled(self, output: Any) -> Tensor:
         pooled = getattr(output, "pooler_output", None)
         if pooled is not None:
-            return pooled  # type: ignore[no-any-return]
+            return pooled
         hidden: Tensor = output.last_hidden_state
         return hidden[:, 0]

@@ -4,7 +4,7 @@ attention is causal, and a dual-tower ``CLIPModel`` is refused rather than half-
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -13,8 +13,8 @@ from kdgqa.models.hf_common import HFArchitecture
 
 __all__ = ["CLIPArchitecture"]
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class CLIPArchitecture(HFArchitecture):
@@ -23,12 +23,12 @@ class CLIPArchitecture(HFArchitecture):
 
     name = "CLIP vision"
     model_types = ("clip_vision_model",)
-    classes = ("CLIPVisionModel", "CLIPVisionModelWithProjection",
+    classes: ClassVar[tuple[str, ...]] = ("CLIPVisionModel", "CLIPVisionModelWithProjection",
                "CLIPForImageClassification")
     module = "clip"
     attention = "CLIPAttention"
-    mean = CLIP_MEAN
-    std = CLIP_STD
+    mean: ClassVar[tuple[float, ...]] = CLIP_MEAN
+    std: ClassVar[tuple[float, ...]] = CLIP_STD
 
     def check_layer(self, path: str) -> None:
         if "text_model" in path.split("."):
@@ -38,6 +38,6 @@ class CLIPArchitecture(HFArchitecture):
     def pooled(self, output: Any) -> Tensor:
         embeds = getattr(output, "image_embeds", None)
         if embeds is not None:
-            return embeds  # type: ignore[no-any-return]
+            return embeds
         pooled: Tensor = output.pooler_output
         return pooled

@@ -26,11 +26,12 @@ from kdgqa.attention import GroupedQueryAttention
 from kdgqa.errors import ConversionError, KdgqaError, SourceError
 from kdgqa.models.base import Features, MHAWeights
 
-__all__ = ["OUTPUT_STYLES", "HFArchitecture", "HFGroupedAttention", "quiet_transformers"]
+__all__ = ["OUTPUT_STYLES", "HFArchitecture", "HFGroupedAttention", "dropout_p",
+           "quiet_transformers"]
 
 OUTPUT_STYLES = ("flat", "legacy-tuple", "tensor")
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class HFGroupedAttention(GroupedQueryAttention):
@@ -68,7 +69,8 @@ class HFGroupedAttention(GroupedQueryAttention):
         return f"{super().extra_repr()}, output_style={self.output_style!r}"
 
 
-def _dropout_p(value: Any) -> float:
+def dropout_p(value: Any) -> float:
+    """The rate of a dropout given as an ``nn.Dropout`` or a number (0 for anything else)."""
     if isinstance(value, nn.Dropout):
         return float(value.p)
     return float(value) if isinstance(value, int | float) else 0.0
@@ -91,8 +93,8 @@ class HFArchitecture:
     #: Attribute names of the classifier(s) of task models; those present are reset
     #: together and the first present one's input is the pre-logit feature.
     classifiers: ClassVar[tuple[str, ...]] = ("classifier",)
-    mean: ClassVar[list[float]] = [0.5]
-    std: ClassVar[list[float]] = [0.5]
+    mean: ClassVar[tuple[float, ...]] = (0.5,)
+    std: ClassVar[tuple[float, ...]] = (0.5,)
 
     # ---------------------------------------------------------------- attention
     def attention_class(self) -> type | None:
@@ -128,7 +130,7 @@ class HFArchitecture:
     def dropouts(self, module: nn.Module) -> tuple[float, float]:
         attn: Any = module
         rate = getattr(attn, "attention_dropout", getattr(attn, "dropout", 0.0))
-        return _dropout_p(rate), 0.0
+        return dropout_p(rate), 0.0
 
     def read_attention(self, module: nn.Module, label: str) -> MHAWeights:
         q, k, v, o = self.projections(module)

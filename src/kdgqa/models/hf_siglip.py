@@ -26,8 +26,8 @@ class SiglipArchitecture(CLIPArchitecture):
     classes = ("SiglipVisionModel", "SiglipForImageClassification")
     module = "siglip"
     attention = "SiglipAttention"
-    mean = [0.5]
-    std = [0.5]
+    mean = (0.5,)
+    std = (0.5,)
 
     def keeps(self, module: nn.Module) -> bool:
         return type(module).__name__ == "SiglipMultiheadAttentionPoolingHead"
@@ -35,6 +35,6 @@ class SiglipArchitecture(CLIPArchitecture):
     def pooled(self, output: Any) -> Tensor:
         pooled = getattr(output, "pooler_output", None)
         if pooled is not None:
-            return pooled  # type: ignore[no-any-return]
+            return pooled
         hidden: Tensor = output.last_hidden_state
         return hidden.mean(1)

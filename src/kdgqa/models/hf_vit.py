@@ -17,7 +17,7 @@ from torch import nn
 
 from kdgqa.errors import ConversionError
 from kdgqa.models.base import MHAWeights
-from kdgqa.models.hf_common import HFArchitecture, HFGroupedAttention, _dropout_p
+from kdgqa.models.hf_common import HFArchitecture, HFGroupedAttention, dropout_p
 
 __all__ = ["HF_VIT_CLASSES", "HFViTGroupedAttention", "ViTArchitecture"]
 
@@ -63,8 +63,8 @@ class ViTArchitecture(HFArchitecture):
         attn: Any = module
         if hasattr(attn, "q_proj"):
             return float(getattr(attn, "attention_dropout", 0.0)), 0.0
-        return (_dropout_p(getattr(attn.attention, "dropout", None)),
-                _dropout_p(getattr(attn.output, "dropout", None)))
+        return (dropout_p(getattr(attn.attention, "dropout", None)),
+                dropout_p(getattr(attn.output, "dropout", None)))
 
     def read_attention(self, module: nn.Module, label: str) -> MHAWeights:
         if getattr(module, "pruned_heads", None):

@@ -53,14 +53,16 @@ def find_attention(model: nn.Module) -> list[AttentionLayer]:
     """Every convertible self-attention of ``model``, in module order, or raise.
 
     Attention a family keeps as it is (:meth:`ModelFamily.keeps`, e.g. a pooling head) is
-    skipped. Raises :class:`ConversionError` naming the first module that looks like attention but is
-    not a supported layout (or is a supported class configured in a way kdgqa cannot
-    reproduce), and when nothing convertible is found at all. Nothing is modified.
+    skipped. Raises :class:`ConversionError` naming the first module that looks like
+    attention but is not a supported layout (or is a supported class configured in a way
+    kdgqa cannot reproduce), and when nothing convertible is found at all. Nothing is
+    modified.
     """
     found: list[AttentionLayer] = []
     kept: list[str] = []
     for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") for prefix in [*kept, *(x.path for x in found)]):
+        skipped = [*kept, *(layer.path for layer in found)]
+        if any(path.startswith(prefix + ".") for prefix in skipped):
             continue
         if any(family.keeps(module) for family in families()):
             kept.append(path)

@@ -155,7 +155,10 @@ class TimmViT(ModelFamily):
     supported = "timm Attention (fused qkv; qk-norm over head_dim; no scale-norm or gate)"
 
     def owns(self, model: nn.Module) -> bool:
-        return type(model).__name__ in TIMM_VIT_CLASSES and hasattr(model, "blocks")
+        # NaFlexVit (flexible-resolution ViT) runs the same Block/Attention; it is recorded
+        # by its timm name only (create_timm_vit(name) or timm:NAME).
+        return (type(model).__name__ in (*TIMM_VIT_CLASSES, "NaFlexVit")
+                and hasattr(model, "blocks"))
 
     def is_attention(self, module: nn.Module) -> bool:
         return type(module) in _attention_classes()
@@ -207,6 +210,7 @@ class TimmViT(ModelFamily):
             heads, head_dim, qw, kw, vw, proj.weight, qb, kb, vb, proj.bias,
             attn_drop=_dropout_p(getattr(attn, "attn_drop", None)),
             proj_drop=_dropout_p(getattr(attn, "proj_drop", None)),
+            key_norm=_has_qk_norm(attn),
         )
 
     def check_model(self, model: nn.Module, attention_paths: list[str]) -> None:
@@ -267,12 +271,16 @@ class TimmViT(ModelFamily):
     def input_geometry(self, model: nn.Module) -> InputGeometry:
         vit: Any = model
         patch_embed = getattr(vit, "patch_embed", None)
+        cfg = getattr(vit, "pretrained_cfg", None) or {}
+        if patch_embed is None and cfg.get("input_size"):  # NaFlexVit: no fixed patch grid
+            channels, size = int(cfg["input_size"][0]), int(cfg["input_size"][-1])
+            return InputGeometry(channels, size, list(cfg.get("mean") or [0.5]),
+                                 list(cfg.get("std") or [0.5]))
         if patch_embed is None or getattr(patch_embed, "img_size", None) is None:
             raise SourceError(f"cannot tell the input size of this {type(model).__name__} "
                               "(its patch_embed has no img_size)")
         size = patch_embed.img_size
         size = int(size[0] if isinstance(size, list | tuple) else size)
-        cfg = getattr(vit, "pretrained_cfg", None) or {}
         return InputGeometry(int(patch_embed.proj.in_channels), size,
                              list(cfg.get("mean") or [0.5]), list(cfg.get("std") or [0.5]))
 
@@ -328,7 +336,12 @@ class TimmViT(ModelFamily):
                 "export needs a model built from a timm name or kdgqa.create_timm_vit"
             )
         vit: Any = model
-        size = kwargs.get("img_size") or list(vit.patch_embed.img_size)
+        size = kwargs.get("img_size")
+        if not size:  # NaFlexVit has no fixed patch grid: its configured input size
+            patch_embed = getattr(vit, "patch_embed", None)
+            size = (list(patch_embed.img_size) if patch_embed is not None else
+                    list((getattr(vit, "pretrained_cfg", None) or {}).get("input_size",
+                                                                         [3, 224, 224])[1:]))
         size = [size, size] if isinstance(size, int) else list(size)
         return {
             "architecture": name,
@@ -336,7 +349,7 @@ class TimmViT(ModelFamily):
             "num_features": int(vit.num_features),
             "model_args": kwargs,
             "pretrained_cfg": {
-                "input_size": [int(vit.patch_embed.proj.in_channels), *size],
+                "input_size": [self.input_geometry(model).channels, *size],
                 "num_classes": int(vit.num_classes),
             },
         }

@@ -1,0 +1,331 @@
+"""The model families kdgqa supports, as tiny real models, and the checks that back the
+families table (``docs/families.md``, written by ``scripts/families_table.py``).
+
+One list (:data:`CASES`) is read by the tests (``test_families_matrix.py``) and the script,
+so the table states what the tests check. Every model is tiny (width 32, 4 heads, 1-2
+blocks) and its norms and layer scales are perturbed away from their initial values (ones,
+zeros, 1e-5), so exactness is tested on a layer that does something.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: fp32 logits within 1e-5 relative (to the largest logit): SDPA vs the original's attention
+#: path differ by rounding only (~1e-7), far below.
+RTOL = 1e-5
+HEADS = 4
+FEWER = 2  # G < H: two KV heads of two query heads each
+
+
+@dataclass(frozen=True)
+class Case:
+    """One family member: how to build it tiny, and what kdgqa should do with it."""
+
+    name: str
+    library: str
+    build: Callable[[], nn.Module]
+    image_size: int = 32
+    #: A substring of the one-line ConversionError expected instead of a conversion.
+    refuses: str | None = None
+    #: What the table says beside the checks (why something is left or kept).
+    note: str = ""
+    #: Checks expected to fail, with why (the table reports them as they come out).
+    known_gaps: dict[str, str] = field(default_factory=dict)
+
+
+def _perturb(model: nn.Module) -> nn.Module:
+    """Move norm weights/biases and layer scales off their initial values (seeded)."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if ((param.dim() == 1 and ("norm" in name or leaf in {"gamma", "lambda_1", "lambda_2"}
+                                      or ".ls" in name or "layer_scale" in name))
+                    or leaf == "relative_position_bias_table"):  # BEiT's starts at zero
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def _timm(name: str | None = None, **kwargs: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from kdgqa.models.timm_vit import create_timm_vit
+
+        torch.manual_seed(0)
+        args = dict(embed_dim=32, depth=2, num_heads=HEADS, num_classes=5, img_size=32,
+                    patch_size=8)
+        args.update(kwargs)
+        return _perturb(create_timm_vit(name, **args))
+    return build
+
+
+def _timm_class(**kwargs: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from timm.models.vision_transformer import VisionTransformer
+
+        torch.manual_seed(0)
+        args = dict(embed_dim=32, depth=2, num_heads=HEADS, num_classes=5, img_size=32,
+                    patch_size=8)
+        args.update(kwargs)
+        return _perturb(VisionTransformer(**args))
+    return build
+
+
+def _parallel_scaling() -> nn.Module:
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    return _timm_class(block_fn=ParallelScalingBlock)()
+
+
+def _hf(cls_name: str, config_name: str, init: dict[str, Any] | None = None,
+        **config: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        torch.manual_seed(0)
+        args: dict[str, Any] = dict(hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=HEADS, intermediate_size=64,
+                                    image_size=32, patch_size=8)
+        args.update(config)
+        cfg = getattr(transformers, config_name)(**args)
+        return _perturb(getattr(transformers, cls_name)(cfg, **(init or {})))
+    return build
+
+
+def _clip_model() -> nn.Module:
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=HEADS,
+                 intermediate_size=64)
+    config = CLIPConfig(text_config=dict(small, vocab_size=50),
+                        vision_config=dict(small, image_size=32, patch_size=8),
+                        projection_dim=16)
+    return CLIPModel(config).eval()
+
+
+QK_NORM_EXPORT = ("export copies qkv/proj only (io/export.py), so the trained q/k norms "
+                  "would be lost; refused")
+
+CASES: list[Case] = [
+    Case("ViT", "timm", _timm("vit_tiny_patch16_224")),
+    Case("DeiT distilled", "timm", _timm("deit_tiny_distilled_patch16_224")),
+    Case("DeiT III (layer scale, no_embed_class)", "timm", _timm("deit3_small_patch16_224")),
+    Case("DINOv2 (layer scale, patch 14, 4 registers, no_embed_class)", "timm",
+         _timm("vit_small_patch14_reg4_dinov2", img_size=28, patch_size=14), image_size=28),
+    Case("CLIP image tower (pre_norm, quick_gelu, token pool)", "timm",
+         _timm("vit_base_patch16_clip_quickgelu_224")),
+    Case("SigLIP image tower (global_pool='map')", "timm",
+         _timm("vit_base_patch16_siglip_224"),
+         note="the AttentionPoolLatent head stays MHA (one latent query, no KV cache)"),
+    Case("qk-norm ViT (qk_norm=True)", "timm", _timm(None, qk_norm=True),
+         note="LayerNorm over head_dim is shared by all heads: a pooled key reuses K-norm",
+         known_gaps={"export": QK_NORM_EXPORT}),
+    Case("NaFlexVit", "timm", _timm("naflexvit_base_patch16_gap", img_size=None)),
+    Case("ParallelScalingBlock", "timm", _parallel_scaling, refuses="ParallelScalingBlock",
+         note="attention is fused into the block's in-projection with the MLP"),
+    Case("scale-norm ViT (scale_attn_norm=True)", "timm",
+         _timm_class(scale_attn_norm=True), refuses="scale-norm",
+         note="a norm over all heads' outputs mixes heads"),
+    Case("ViTForImageClassification", "transformers",
+         _hf("ViTForImageClassification", "ViTConfig", num_labels=5)),
+    Case("DeiTForImageClassificationWithTeacher", "transformers",
+         _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=5)),
+    Case("DeiTModel", "transformers", _hf("DeiTModel", "DeiTConfig")),
+    Case("Dinov2ForImageClassification (layer scale)", "transformers",
+         _hf("Dinov2ForImageClassification", "Dinov2Config", num_labels=5,
+             layerscale_value=0.5)),
+    Case("Dinov2Model (SwiGLU MLP)", "transformers",
+         _hf("Dinov2Model", "Dinov2Config", use_swiglu_ffn=True)),
+    Case("Dinov2WithRegistersModel", "transformers",
+         _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", num_register_tokens=2)),
+    Case("CLIPVisionModel", "transformers", _hf("CLIPVisionModel", "CLIPVisionConfig")),
+    Case("CLIPVisionModelWithProjection", "transformers",
+         _hf("CLIPVisionModelWithProjection", "CLIPVisionConfig", projection_dim=16)),
+    Case("SiglipVisionModel", "transformers", _hf("SiglipVisionModel", "SiglipVisionConfig"),
+         note="the attention-pooling head (nn.MultiheadAttention, one probe) stays MHA"),
+    Case("BeitForImageClassification (relative position bias)", "transformers",
+         _hf("BeitForImageClassification", "BeitConfig", num_labels=5,
+             use_relative_position_bias=True, use_mean_pooling=True),
+         note="the bias is per query head on the logits; pooling K/V leaves it exact"),
+    Case("BeitModel (shared relative position bias)", "transformers",
+         _hf("BeitModel", "BeitConfig", use_shared_relative_position_bias=True)),
+    Case("CLIPModel (image + text towers)", "transformers", _clip_model,
+         refuses="text tower", note="the text tower's attention is causal"),
+]
+
+
+def case(name: str) -> Case:
+    return next(c for c in CASES if c.name == name)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def images(c: Case, batch: int = 2) -> Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, c.image_size, c.image_size, generator=generator)
+
+
+def output(model: nn.Module, x: Tensor) -> Tensor:
+    """The logits, or the pre-logit feature of a model without classifier."""
+    from kdgqa.models import family_of
+
+    family = family_of(model)
+    assert family is not None, f"no family owns {type(model).__name__}"
+    with torch.no_grad():
+        features = family.features(model, x)
+    return features.logits if features.logits is not None else features.pre_logits
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def mean_pooled_mha(model: nn.Module, groups: int) -> nn.Module:
+    """Independent reference: the MHA model whose K and V heads are replaced, in place in its
+    own projections, by their contiguous group means (every head of a group uses the mean)."""
+    from kdgqa.models import find_attention
+
+    model = copy.deepcopy(model)
+    for layer in find_attention(model):
+        attn: Any = layer.module
+        heads, dim = layer.weights.num_heads, layer.weights.head_dim
+        size = heads // groups
+        if hasattr(attn, "qkv"):  # timm: K and V are the 2nd and 3rd thirds of qkv
+            tensors = [(t, part) for t in (attn.qkv.weight, attn.qkv.bias) if t is not None
+                       for part in (1, 2)]
+        else:  # transformers: separate k_proj / v_proj
+            tensors = [(t, None) for lin in (attn.k_proj, attn.v_proj)
+                       for t in (lin.weight, lin.bias) if t is not None]
+        with torch.no_grad():
+            for tensor, part in tensors:
+                rows = tensor if part is None else tensor[part * heads * dim:
+                                                          (part + 1) * heads * dim]
+                blocks = rows.reshape(groups, size, dim, -1)
+                blocks.copy_(blocks.mean(1, keepdim=True).expand_as(blocks))
+    return model
+
+
+def converted(c: Case, kv_heads: int, scheme: str = "gqa", **options: Any) -> nn.Module:
+    from kdgqa.conversion.converter import convert
+
+    return convert(c.build(), scheme, kv_heads, **options)
+
+
+def check_refusal(c: Case) -> str:
+    """The one-line message of the refusal, after checking nothing was changed."""
+    from kdgqa.conversion.converter import convert
+    from kdgqa.errors import ConversionError
+
+    model = c.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    try:
+        convert(model, "gqa", FEWER)
+    except ConversionError as error:
+        message = str(error)
+    else:
+        raise AssertionError(f"{c.name} was converted; expected a refusal")
+    assert c.refuses is not None and c.refuses in message, message
+    assert "\n" not in message
+    assert [type(m) for m in model.modules()] == modules
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    return message
+
+
+def check_same_heads(c: Case) -> float:
+    """G = H: relative error of the converted model's logits against the original's."""
+    x = images(c)
+    reference = output(c.build(), x)
+    return relative_error(output(converted(c, HEADS), x), reference)
+
+
+def check_fewer_heads(c: Case) -> tuple[float, float]:
+    """G < H: relative error against the mean-pooled MHA model, and how far that model is
+    from the original (pooling must really change something)."""
+    x = images(c)
+    original = c.build()
+    reference = output(mean_pooled_mha(original, FEWER), x)
+    return (relative_error(output(converted(c, FEWER), x), reference),
+            relative_error(output(original, x), reference))
+
+
+def check_round_trip(c: Case, directory: Path) -> float:
+    """save_pretrained + load of a G < H model (a key-driven scheme, so allocator state
+    travels too): relative error of the reloaded model's outputs."""
+    from kdgqa.io.checkpoint import load, save_pretrained
+
+    x = images(c)
+    model = converted(c, FEWER, "kdgqa")
+    save_pretrained(model, directory)
+    return relative_error(output(load(directory), x), output(model, x))
+
+
+def check_export(c: Case, directory: Path) -> float:
+    """export_mha of a G < H model, loaded back as a plain MHA model by the source loader:
+    relative error of its outputs against the grouped model's."""
+    from kdgqa.io.export import export_mha
+    from kdgqa.io.sources import load_model
+
+    x = images(c)
+    model = converted(c, FEWER)
+    export_mha(model, directory)
+    return relative_error(output(load_model(str(directory)), x), output(model, x))
+
+
+def check_cli(c: Case, directory: Path) -> int:
+    """``kdgqa convert --model DIR`` on the model saved in its library's own format; the
+    number of grouped layers of the checkpoint it writes."""
+    from kdgqa.cli import main
+    from kdgqa.io.base import base_spec
+    from kdgqa.io.checkpoint import load
+    from kdgqa.models import family_of, grouped_layers
+
+    model = c.build()
+    family = family_of(model)
+    assert family is not None
+    source = directory / "source"
+    source.mkdir(parents=True)
+    family.save_plain(model, base_spec(model), source)
+    status = main(["convert", "--model", str(source), "--scheme", "gqa", "--kv-heads",
+                   str(FEWER), "--out", str(directory / "out")])
+    assert status == 0, f"kdgqa convert exited with {status}"
+    return len(list(grouped_layers(load(directory / "out"))))
+
+
+def check_schemes(c: Case) -> list[str]:
+    """The schemes that convert the model at G < H and run a forward pass."""
+    from kdgqa.schemes.registry import SCHEMES
+
+    x = images(c)
+    working = []
+    for scheme, cls in SCHEMES.items():
+        if scheme == "mha":
+            kv = HEADS
+        elif scheme == "mqa":
+            kv = 1
+        else:
+            kv = FEWER
+        options: dict[str, Any] = {}
+        if cls.needs_calibration:
+            options["calibration"] = images(c, 4)
+        try:
+            model = converted(c, kv, scheme, **options)
+            output(model, x)
+        except Exception:
+            continue
+        working.append(scheme)
+    return working
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value)

@@ -1,0 +1,63 @@
+"""Every family member of ``families_matrix.CASES``: converted exactly (G = H), equal to the
+mean-pooled MHA model (G < H), saved and reloaded, exported to MHA, converted by the CLI from
+its own format, run with every scheme; or refused in one line before anything changes.
+``scripts/families_table.py`` runs the same checks to write ``docs/families.md``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import families_matrix as fm
+import pytest
+
+CONVERTED = [c for c in fm.CASES if c.refuses is None]
+REFUSED = [c for c in fm.CASES if c.refuses is not None]
+
+
+def _ids(cases: list[fm.Case]) -> list[str]:
+    return [f"{c.library}:{c.name.split(' (')[0]}" for c in cases]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=_ids(REFUSED))
+def test_refused_in_one_line_before_anything_changes(case: fm.Case) -> None:
+    fm.check_refusal(case)
+
+
+@pytest.mark.parametrize("case", CONVERTED, ids=_ids(CONVERTED))
+def test_same_heads_is_exact(case: fm.Case) -> None:
+    assert fm.check_same_heads(case) <= fm.RTOL
+
+
+@pytest.mark.parametrize("case", CONVERTED, ids=_ids(CONVERTED))
+def test_fewer_heads_equal_mean_pooled_mha(case: fm.Case) -> None:
+    error, change = fm.check_fewer_heads(case)
+    assert error <= fm.RTOL
+    assert change > 100 * fm.RTOL  # pooling really changed the function
+
+
+@pytest.mark.parametrize("case", CONVERTED, ids=_ids(CONVERTED))
+def test_save_load_round_trip(case: fm.Case, tmp_path: Path) -> None:
+    assert fm.check_round_trip(case, tmp_path) == 0.0
+
+
+@pytest.mark.parametrize("case", CONVERTED, ids=_ids(CONVERTED))
+def test_export_mha(case: fm.Case, tmp_path: Path) -> None:
+    if "export" in case.known_gaps:
+        from kdgqa.errors import ExportError
+
+        with pytest.raises(ExportError):
+            fm.check_export(case, tmp_path)
+        return
+    assert fm.check_export(case, tmp_path) <= fm.RTOL
+
+
+@pytest.mark.parametrize("case", CONVERTED, ids=_ids(CONVERTED))
+def test_cli_converts_the_library_format(case: fm.Case, tmp_path: Path) -> None:
+    assert fm.check_cli(case, tmp_path) == 2  # both blocks
+
+
+@pytest.mark.parametrize("case", CONVERTED, ids=_ids(CONVERTED))
+def test_every_scheme_converts_and_runs(case: fm.Case) -> None:
+    from kdgqa.schemes.registry import SCHEMES
+
+    assert fm.check_schemes(case) == list(SCHEMES)
