@@ -106,7 +106,7 @@ def _clip_model() -> nn.Module:
     torch.manual_seed(0)
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=HEADS,
                  intermediate_size=64)
-    config = CLIPConfig(text_config=dict(small, vocab_size=50),
+    config = CLIPConfig(text_config=dict(small, vocab_size=50, bos_token_id=0, eos_token_id=1),
                         vision_config=dict(small, image_size=32, patch_size=8),
                         projection_dim=16)
     return CLIPModel(config).eval()
