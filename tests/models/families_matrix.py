@@ -137,6 +137,8 @@ CASES: list[Case] = [
          note="a norm over all heads' outputs mixes heads"),
     Case("ViTForImageClassification", "transformers",
          _hf("ViTForImageClassification", "ViTConfig", num_labels=5)),
+    Case("ViTForMaskedImageModeling", "transformers",
+         _hf("ViTForMaskedImageModeling", "ViTConfig", encoder_stride=8)),
     Case("DeiTForImageClassificationWithTeacher", "transformers",
          _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=5)),
     Case("DeiTModel", "transformers", _hf("DeiTModel", "DeiTConfig")),
@@ -158,6 +160,9 @@ CASES: list[Case] = [
          note="the bias is per query head on the logits; pooling K/V leaves it exact"),
     Case("BeitModel (shared relative position bias)", "transformers",
          _hf("BeitModel", "BeitConfig", use_shared_relative_position_bias=True)),
+    Case("BeitForMaskedImageModeling", "transformers",
+         _hf("BeitForMaskedImageModeling", "BeitConfig", vocab_size=64,
+             use_shared_relative_position_bias=True)),
     Case("CLIPModel (image + text towers)", "transformers", _clip_model,
          refuses="text tower", note="the text tower's attention is causal"),
 ]

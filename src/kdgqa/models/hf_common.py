@@ -168,7 +168,6 @@ class HFArchitecture:
     # ---------------------------------------------------------------- the model
     def owns(self, model: nn.Module) -> bool:
         return (type(model).__name__ in self.classes
-                and type(model).__module__.startswith("transformers.")
                 and getattr(model, "config", None) is not None)
 
     def heads(self, model: nn.Module) -> list[str]:
@@ -186,7 +185,8 @@ class HFArchitecture:
 
     def features(self, model: nn.Module, x: Tensor) -> Features:
         """The classifier's input (captured as it is called) and the logits; without a
-        classifier, :meth:`pooled` of the model's output."""
+        classifier, :meth:`pooled` of the backbone's output and no logits (a masked-image
+        model's predictions are not class logits)."""
         captured: list[Tensor] = []
         head = self.classifier(model)
         handle = None if head is None else head.register_forward_pre_hook(
@@ -196,8 +196,13 @@ class HFArchitecture:
         finally:
             if handle is not None:
                 handle.remove()
-        logits = getattr(output, "logits", None)
-        return Features(captured[0] if captured else self.pooled(output), logits)
+        if head is None:
+            if getattr(output, "last_hidden_state", None) is None:
+                # A task model without classifier (masked image modelling): its backbone.
+                hf: Any = model
+                output = hf.base_model(pixel_values=x)
+            return Features(self.pooled(output), None)
+        return Features(captured[0], getattr(output, "logits", None))
 
     def num_classes(self, model: nn.Module) -> int | None:
         if self.classifier(model) is None:
