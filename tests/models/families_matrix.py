@@ -130,8 +130,16 @@ CASES: list[Case] = [
          note="LayerNorm over head_dim is shared by all heads: a pooled key reuses K-norm",
          known_gaps={"export": QK_NORM_EXPORT}),
     Case("NaFlexVit", "timm", _timm("naflexvit_base_patch16_gap", img_size=None)),
+    Case("ResPostBlock (residual post-norm)", "timm", _timm("vit_base_patch16_rpn_224")),
+    Case("ParallelThingsBlock (2 parallel attentions per block)", "timm",
+         _timm("vit_small_patch16_18x2_224")),
     Case("ParallelScalingBlock", "timm", _parallel_scaling, refuses="ParallelScalingBlock",
          note="attention is fused into the block's in-projection with the MLP"),
+    Case("DiffParallelScalingBlock", "timm", _timm("vit_dpwee_patch16_reg1_gap_256"),
+         refuses="DiffParallelScalingBlock", note="fused as above, differential attention"),
+    Case("differential attention (attn_layer='diff')", "timm",
+         _timm("vit_dwee_patch16_reg1_gap_256"), refuses="DiffAttention",
+         note="two softmax maps subtracted per head: not a layout kdgqa groups"),
     Case("scale-norm ViT (scale_attn_norm=True)", "timm",
          _timm_class(scale_attn_norm=True), refuses="scale-norm",
          note="a norm over all heads' outputs mixes heads"),
@@ -289,11 +297,12 @@ def check_export(c: Case, directory: Path) -> float:
 
 def check_cli(c: Case, directory: Path) -> int:
     """``kdgqa convert --model DIR`` on the model saved in its library's own format; the
-    number of grouped layers of the checkpoint it writes."""
+    number of grouped layers of the checkpoint it writes (checked against the attention
+    layers of the model)."""
     from kdgqa.cli import main
     from kdgqa.io.base import base_spec
     from kdgqa.io.checkpoint import load
-    from kdgqa.models import family_of, grouped_layers
+    from kdgqa.models import family_of, find_attention, grouped_layers
 
     model = c.build()
     family = family_of(model)
@@ -304,7 +313,10 @@ def check_cli(c: Case, directory: Path) -> int:
     status = main(["convert", "--model", str(source), "--scheme", "gqa", "--kv-heads",
                    str(FEWER), "--out", str(directory / "out")])
     assert status == 0, f"kdgqa convert exited with {status}"
-    return len(list(grouped_layers(load(directory / "out"))))
+    grouped = len(list(grouped_layers(load(directory / "out"))))
+    expected = len(find_attention(model))
+    assert grouped == expected, f"{grouped} grouped layers, expected {expected}"
+    return grouped
 
 
 def check_schemes(c: Case) -> list[str]:
