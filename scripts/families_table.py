@@ -29,8 +29,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import families_matrix as fm  # noqa: E402 (needs the path above)
 
-HEADER = ("| Library | Model | G = H vs original | G < H vs mean-pooled MHA | Save / load | "
-          "Export MHA | `kdgqa convert` on its own format | Schemes | Notes |")
+HEADER = ("| Library | Model | G = H vs original | G < H vs mean-pooled MHA | "
+          "`calibrated` groups vs MHA pooled by them | Save / load | Export MHA | "
+          "`kdgqa convert` on its own format | Schemes | Notes |")
 
 
 def _quietly(check: Callable[[], Any]) -> Any:
@@ -63,11 +64,12 @@ def row(case: fm.Case, scratch: Path) -> str:
 
     if case.refuses is not None:
         message = _cell(lambda: fm.check_refusal(case), lambda m: f"refused: `{m}`")
-        cells = [message, "", "", "", "", ""]
+        cells = [message, "", "", "", "", "", ""]
     else:
         cells = [
             _cell(lambda: fm.check_same_heads(case), _exact),
             _cell(lambda: fm.check_fewer_heads(case), _pooled),
+            _cell(lambda: fm.check_calibrated(case), _exact),
             _cell(lambda: fm.check_round_trip(case, scratch / "saved"), _exact),
             _cell(lambda: fm.check_export(case, scratch / "export"), _exact),
             _cell(lambda: fm.check_cli(case, scratch / "cli"),
@@ -99,7 +101,9 @@ def table() -> str:
         "Errors are relative to the largest output (logits, or the pre-logit feature without a "
         f"classifier); exact means <= {fm.RTOL:g}. G = H converts with `gqa` at 4 KV heads "
         "for 4 query heads; G < H with 2 and compares against the MHA model whose K/V heads "
-        "are replaced by their group means. Save / load is `kdgqa.save_pretrained` + "
+        "are replaced by their group means; `calibrated` picks its groups from 4 random "
+        "images and is compared with the MHA model pooled by the groups it picked. Save / "
+        "load is `kdgqa.save_pretrained` + "
         "`kdgqa.load` of a `kdgqa` (key-driven) model; export is `kdgqa.export_mha` read back "
         "by `kdgqa.load_model`. Schemes: those that convert at G < H and run "
         f"({', '.join(SCHEMES)}; calibrated ones on 4 random images).",

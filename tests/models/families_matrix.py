@@ -200,12 +200,15 @@ def output(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:
+    out, ref = out.detach(), ref.detach()
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
-def mean_pooled_mha(model: nn.Module, groups: int) -> nn.Module:
+def mean_pooled_mha(model: nn.Module, groups: int,
+                    plan: dict[str, list[list[int]]] | None = None) -> nn.Module:
     """Independent reference: the MHA model whose K and V heads are replaced, in place in its
-    own projections, by their contiguous group means (every head of a group uses the mean)."""
+    own projections, by their group means (every head of a group uses the mean); groups are
+    contiguous, or per layer path those of ``plan`` (a calibrated conversion's)."""
     from kdgqa.models import find_attention
 
     model = copy.deepcopy(model)
@@ -213,6 +216,8 @@ def mean_pooled_mha(model: nn.Module, groups: int) -> nn.Module:
         attn: Any = layer.module
         heads, dim = layer.weights.num_heads, layer.weights.head_dim
         size = heads // groups
+        members = (plan[layer.path] if plan is not None else
+                   [list(range(g * size, (g + 1) * size)) for g in range(groups)])
         if hasattr(attn, "qkv"):  # timm: K and V are the 2nd and 3rd thirds of qkv
             tensors = [(t, part) for t in (attn.qkv.weight, attn.qkv.bias) if t is not None
                        for part in (1, 2)]
@@ -223,8 +228,9 @@ def mean_pooled_mha(model: nn.Module, groups: int) -> nn.Module:
             for tensor, part in tensors:
                 rows = tensor if part is None else tensor[part * heads * dim:
                                                           (part + 1) * heads * dim]
-                blocks = rows.reshape(groups, size, dim, -1)
-                blocks.copy_(blocks.mean(1, keepdim=True).expand_as(blocks))
+                per_head = rows.view(heads, dim, -1)
+                for group in members:
+                    per_head[group] = per_head[group].mean(0, keepdim=True)
     return model
 
 
@@ -270,6 +276,17 @@ def check_fewer_heads(c: Case) -> tuple[float, float]:
     reference = output(mean_pooled_mha(original, FEWER), x)
     return (relative_error(output(converted(c, FEWER), x), reference),
             relative_error(output(original, x), reference))
+
+
+def check_calibrated(c: Case) -> float:
+    """G < H with a calibrated scheme (groups chosen from 4 images, query heads reordered so
+    each group is contiguous): relative error against the MHA model pooled by those groups."""
+    x = images(c)
+    original = c.build()
+    model = converted(c, FEWER, "calibrated", calibration=images(c, 4))
+    plan = {path: record["groups"]
+            for path, record in model.kdgqa_conversion["calibration"].items()}
+    return relative_error(output(model, x), output(mean_pooled_mha(original, FEWER, plan), x))
 
 
 def check_round_trip(c: Case, directory: Path) -> float:

@@ -36,6 +36,11 @@ def test_fewer_heads_equal_mean_pooled_mha(case: fm.Case) -> None:
 
 
 @pytest.mark.parametrize("case", CONVERTED, ids=_ids(CONVERTED))
+def test_calibrated_groups_equal_mha_pooled_by_them(case: fm.Case) -> None:
+    assert fm.check_calibrated(case) <= fm.RTOL
+
+
+@pytest.mark.parametrize("case", CONVERTED, ids=_ids(CONVERTED))
 def test_save_load_round_trip(case: fm.Case, tmp_path: Path) -> None:
     assert fm.check_round_trip(case, tmp_path) == 0.0
 

@@ -65,3 +65,32 @@ def test_unsupported_directory_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="model_type 'swin'") as error:
         HFVision().load_directory(tmp_path, {"model_type": "swin"})
     assert "\n" not in str(error.value)
+
+
+def test_per_head_bias_follows_permuted_query_heads() -> None:
+    """Calibrated schemes permute query heads so groups are contiguous; BEiT's bias, given in
+    the original head order, must follow them."""
+    import torch.nn.functional as F
+
+    from kdgqa.conversion.converter import build_replacement
+    from kdgqa.models import find_attention
+
+    layer = find_attention(BEIT.build())[0]
+    groups = [[0, 2], [3, 1]]  # not contiguous: query heads are reordered 0, 2, 3, 1
+    new = build_replacement(layer, "calibrated", 2, "mean", {}, groups)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 32, generator=generator)
+    bias = torch.randn(1, fm.HEADS, 5, 5, generator=generator)
+    w = layer.weights
+    d = w.head_dim
+    q = F.linear(x, w.q_weight, w.q_bias).view(2, 5, fm.HEADS, d).transpose(1, 2)
+    k, v = (F.linear(x, t, b).view(2, 5, fm.HEADS, d).transpose(1, 2)
+            for t, b in ((w.k_weight, w.k_bias), (w.v_weight, w.v_bias)))
+    for group in groups:  # the MHA layer whose K/V heads are their group's mean
+        k[:, group] = k[:, group].mean(1, keepdim=True)
+        v[:, group] = v[:, group].mean(1, keepdim=True)
+    heads = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    reference = F.linear(heads.transpose(1, 2).reshape(2, 5, -1), w.o_weight, w.o_bias)
+    with torch.no_grad():
+        out, _ = new(x, attention_mask=bias)
+    assert fm.relative_error(out, reference) <= fm.RTOL

@@ -38,7 +38,8 @@ class HFGroupedAttention(GroupedQueryAttention):
     """:class:`GroupedQueryAttention` called like a transformers self-attention.
 
     ``output_style`` is what the installed layer unpacks: ``"flat"`` returns ``(out, None)``
-    and applies ``attention_mask`` (an additive bias, per query head where given so);
+    and applies ``attention_mask`` (an additive bias; one per query head is reordered with
+    the query heads of a calibrated scheme);
     ``"legacy-tuple"`` (ViT 4.40-4.56) returns ``(out,)`` or ``(out, None)`` when attentions
     are requested; ``"tensor"`` (ViT 4.57-5.0x) returns ``out``. Attention weights are never
     materialised.
@@ -54,7 +55,7 @@ class HFGroupedAttention(GroupedQueryAttention):
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         if self.output_style == "flat":
             mask = args[0] if args else kwargs.get("attention_mask")
-            out = super().forward(hidden_states, attn_mask=mask)
+            out = super().forward(hidden_states, attn_mask=self._query_order(mask))
             return out, None
         head_mask = args[0] if args else kwargs.get("head_mask")
         if head_mask is not None:
@@ -64,6 +65,16 @@ class HFGroupedAttention(GroupedQueryAttention):
             return out
         wants = args[1] if len(args) > 1 else kwargs.get("output_attentions", False)
         return (out, None) if wants else (out,)
+
+    def _query_order(self, mask: Tensor | None) -> Tensor | None:
+        """``mask`` with its per-head biases (BEiT's relative position bias, in the original
+        head order) reordered like the query heads: calibrated schemes hold original head
+        ``head_order[p]`` at position ``p``."""
+        order = getattr(self.allocator, "head_order", None)
+        if (mask is None or order is None or mask.dim() < 3
+                or mask.shape[-3] != self.num_heads or self.num_heads == 1):
+            return mask
+        return mask.index_select(-3, order.to(mask.device))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, output_style={self.output_style!r}"
