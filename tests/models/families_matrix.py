@@ -112,6 +112,20 @@ def _clip_model() -> nn.Module:
     return CLIPModel(config).eval()
 
 
+def _clip_classifier(prefix: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        torch.manual_seed(0)
+        small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=HEADS,
+                     intermediate_size=64)
+        config = getattr(transformers, f"{prefix}Config")(
+            text_config=dict(small, vocab_size=50, bos_token_id=0, eos_token_id=1),
+            vision_config=dict(small, image_size=32, patch_size=8), num_labels=5)
+        return _perturb(getattr(transformers, f"{prefix}ForImageClassification")(config))
+    return build
+
+
 QK_NORM_EXPORT = ("export copies qkv/proj only (io/export.py), so the trained q/k norms "
                   "would be lost; refused")
 
@@ -162,6 +176,9 @@ CASES: list[Case] = [
          _hf("CLIPVisionModelWithProjection", "CLIPVisionConfig", projection_dim=16)),
     Case("SiglipVisionModel", "transformers", _hf("SiglipVisionModel", "SiglipVisionConfig"),
          note="the attention-pooling head (nn.MultiheadAttention, one probe) stays MHA"),
+    Case("CLIPForImageClassification", "transformers", _clip_classifier("CLIP"),
+         note="only the vision tower is built for classification"),
+    Case("SiglipForImageClassification", "transformers", _clip_classifier("Siglip")),
     Case("BeitForImageClassification (relative position bias)", "transformers",
          _hf("BeitForImageClassification", "BeitConfig", num_labels=5,
              use_relative_position_bias=True, use_mean_pooling=True),

@@ -94,3 +94,10 @@ def test_per_head_bias_follows_permuted_query_heads() -> None:
     with torch.no_grad():
         out, _ = new(x, attention_mask=bias)
     assert fm.relative_error(out, reference) <= fm.RTOL
+
+
+def test_dual_tower_directory_is_refused_in_one_line(tmp_path: Path) -> None:
+    config = {"model_type": "clip", "architectures": ["CLIPModel"]}
+    with pytest.raises(SourceError, match="architecture 'CLIPModel'") as error:
+        HFVision().load_directory(tmp_path, config)
+    assert "\n" not in str(error.value)

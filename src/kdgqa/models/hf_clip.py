@@ -22,7 +22,7 @@ class CLIPArchitecture(HFArchitecture):
     (or the projected image embedding)."""
 
     name = "CLIP vision"
-    model_types = ("clip_vision_model",)
+    model_types: ClassVar[tuple[str, ...]] = ("clip_vision_model", "clip")
     classes: ClassVar[tuple[str, ...]] = ("CLIPVisionModel", "CLIPVisionModelWithProjection",
                "CLIPForImageClassification")
     module = "clip"

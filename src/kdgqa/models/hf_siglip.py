@@ -22,7 +22,7 @@ class SiglipArchitecture(CLIPArchitecture):
     token when the model has no head."""
 
     name = "SigLIP vision"
-    model_types = ("siglip_vision_model",)
+    model_types = ("siglip_vision_model", "siglip")
     classes = ("SiglipVisionModel", "SiglipForImageClassification")
     module = "siglip"
     attention = "SiglipAttention"
