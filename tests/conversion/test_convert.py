@@ -164,9 +164,7 @@ def test_first_pooling_in_model() -> None:
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"qk_norm": True}, "qk-norm"),
         ({"scale_attn_norm": True}, "scale-norm"),
-        ({"global_pool": "map"}, "attn_pool"),
     ],
 )
 def test_refuses_unsupported_timm_variants(overrides: dict, match: str) -> None:
@@ -291,9 +289,9 @@ def test_hf_adapter_return_styles() -> None:
 
 
 def test_hf_other_model_refused() -> None:
-    from transformers import DeiTConfig, DeiTModel
+    from transformers import SwinConfig, SwinModel
 
-    model = DeiTModel(DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=64, image_size=16, patch_size=8))
-    with pytest.raises(ConversionError, match="DeiT"):
+    model = SwinModel(SwinConfig(embed_dim=16, depths=[1], num_heads=[2], image_size=16,
+                                 patch_size=4, window_size=2))
+    with pytest.raises(ConversionError, match="Swin"):
         convert(model, "gqa", 1)

@@ -109,7 +109,7 @@ def _static(groups: list[int]) -> nn.Module:
     (lambda: convert(create_timm_vit(**TINY_VIT, act_layer="quick_gelu"), "gqa", 3),
      "exact GELU"),
     (lambda: convert(create_timm_vit("deit_tiny_distilled_patch16_224", **TINY_VIT), "gqa", 3),
-     "distillation token"),
+     "subclass may add tokens"),
     (lambda: convert(create_timm_eva(**TINY_EVA, use_post_norm=True), "gqa", 3), "post-norm"),
     (lambda: convert(create_timm_vit("beit_base_patch16_224", **TINY_VIT), "gqa", 3),
      "only timm Eva and timm VisionTransformer"),

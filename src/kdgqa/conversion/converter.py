@@ -206,6 +206,12 @@ def convert(
     if data_pooling and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
         raise ConversionError(f"calibration_images must be an integer >= 1, got {count!r}")
     layers = find_attention(model)
+    normed = next((layer.path for layer in layers if layer.weights.key_norm), None)
+    if data_pooling and normed is not None:
+        what = "align" if align else f"pooling {pooling!r}"
+        raise ConversionError(f"{what} cannot be used on module {normed!r}: it normalises its "
+                              "keys (qk-norm), which rotations and fitted keys ignore; use "
+                              "pooling 'mean', 'first' or 'random' without align")
     heads = sorted({layer.weights.num_heads for layer in layers})
     if (data_pooling or scheme_class(scheme).needs_calibration) and not recorded:
         for layer in layers:

@@ -61,7 +61,7 @@ def base_spec(model: nn.Module) -> dict[str, Any]:
             _check_rebuild(spec, model)
             return spec
     raise SourceError(
-        f"cannot save a {type(model).__name__}: expected a timm VisionTransformer(Distilled), "
-        "a transformers ViTModel/ViTForImageClassification/ViTForMaskedImageModeling, or a "
-        "model built by kdgqa.create_timm_vit(NAME, ...) / create_timm_eva or load_model"
+        f"cannot save a {type(model).__name__}: expected a model of one of the families "
+        + ", ".join(f.name for f in families())
+        + ", or one built by kdgqa.create_timm_vit(NAME, ...) / create_timm_eva or load_model"
     )

@@ -78,7 +78,8 @@ def _vit_as_eva(vit: Any) -> dict[str, Any]:
                            "use export_mha")
 
     if type(vit).__name__ != "VisionTransformer":
-        raise refuse("only a plain VisionTransformer maps onto Eva (no distillation token)")
+        raise refuse("only a plain VisionTransformer maps onto Eva (a subclass may add "
+                     "tokens or change the forward)")
     if not isinstance(vit.patch_embed, PatchEmbed) or not isinstance(
             vit.patch_embed.norm, nn.Identity):
         raise refuse("its patch embedding is not a plain timm PatchEmbed")
@@ -97,6 +98,9 @@ def _vit_as_eva(vit: Any) -> dict[str, Any]:
         if isinstance(block.ls1, nn.Identity) != isinstance(block.ls2, nn.Identity):
             raise refuse("layer scale on one branch only")
         norms += [block.norm1, block.norm2]
+        # qk-norm: timm's per-head norms over head_dim, the layout Eva's qk_norm builds too
+        # (a converted layer holds None where the original had nn.Identity).
+        norms += [n for n in (block.attn.q_norm, block.attn.k_norm) if n is not None]
     for norm in norms:
         if not isinstance(norm, nn.Identity) and not (
                 isinstance(norm, LayerNorm) and norm.eps == 1e-6 and norm.weight is not None
@@ -113,6 +117,7 @@ def _vit_as_eva(vit: Any) -> dict[str, Any]:
         "num_heads": int(block.attn.num_heads),
         "mlp_ratio": block.mlp.fc1.out_features / vit.embed_dim,
         "qkv_bias": block.attn.qkv.bias is not None,
+        "qk_norm": not isinstance(block.attn.k_norm, nn.Identity | None),
         "init_values": None if isinstance(block.ls1, nn.Identity) else 1.0,
         "scale_mlp": not isinstance(block.mlp.norm, nn.Identity),
         "class_token": vit.cls_token is not None,

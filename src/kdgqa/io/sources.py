@@ -5,8 +5,9 @@ A *source* (the CLI's ``--model``) is one of
 * ``timm:NAME`` -- a timm model with its pretrained weights (downloaded when online);
 * a local timm checkpoint file (``.safetensors``, ``.pth``/``.pt``/``.bin``); its architecture
   comes from ``arch=``/``model_kwargs=`` or from a timm ``config.json`` beside it;
-* a directory: a kdgqa checkpoint (``kdgqa_config.json``), a Hugging Face ViT directory
-  (``config.json`` with ``model_type: vit``) or a timm export (``config.json`` with
+* a directory: a kdgqa checkpoint (``kdgqa_config.json``), a Hugging Face directory of a
+  supported architecture (``config.json`` with ``model_type`` vit, deit, dinov2, beit,
+  clip_vision_model, siglip_vision_model, ...) or a timm export (``config.json`` with
   ``architecture``).
 
 Every model loaded here remembers how it was built (``model.kdgqa_base``), which is what
@@ -26,7 +27,7 @@ from kdgqa.errors import SourceError
 from kdgqa.io.base import build_base
 from kdgqa.io.checkpoint import CONFIG_NAME, load
 from kdgqa.io.weights import load_weights, read_state_dict
-from kdgqa.models.hf_vit import HFViT
+from kdgqa.models.hf_family import HFVision
 from kdgqa.models.timm_vit import TimmViT, jsonable, timm_spec
 
 __all__ = ["CHECKPOINT_SUFFIXES", "load_model"]
@@ -92,7 +93,7 @@ def load_model(
             if not weights.is_file():
                 weights = path / "pytorch_model.bin"
             return _timm_from_file(weights, arch, model_kwargs)
-        return HFViT().load_directory(path, data)
+        return HFVision().load_directory(path, data)
     if path.suffix in CHECKPOINT_SUFFIXES:
         if not path.is_file():
             raise SourceError(f"checkpoint file {source!r} does not exist")

@@ -1,13 +1,14 @@
 """Model families: everything that differs between timm and Hugging Face models.
 
 ``base`` defines the :class:`ModelFamily` interface, ``registry`` knows the families,
-``locate`` finds attention layers whatever the family; ``timm_vit``, ``hf_vit``,
-``timm_eva`` and ``timm_relpos`` (BEiT, Swin) are the built-in families, registered when
-this package is imported.
+``locate`` finds attention layers whatever the family. The built-in families, registered when
+this package is imported: ``timm_vit`` (timm ViTs), ``hf_family`` (transformers, one adapter
+per architecture: ``hf_vit``, ``hf_deit``, ``hf_dinov2``, ``hf_clip``, ``hf_siglip``,
+``hf_beit``), ``timm_eva`` (EVA, EVA-02) and ``timm_relpos`` (BEiT, Swin).
 """
 
 from kdgqa.models.base import Features, InputGeometry, MHAWeights, ModelFamily
-from kdgqa.models.hf_vit import HFViT
+from kdgqa.models.hf_family import HFVision
 from kdgqa.models.locate import (
     AttentionLayer,
     attention_heads,
@@ -29,7 +30,7 @@ from kdgqa.models.timm_relpos import TimmBeit, TimmSwin
 from kdgqa.models.timm_vit import TimmViT
 
 register_model_family(TimmViT())
-register_model_family(HFViT())
+register_model_family(HFVision())
 register_model_family(TimmEva())
 register_model_family(TimmBeit())
 register_model_family(TimmSwin())

@@ -37,6 +37,9 @@ class MHAWeights:
     o_bias: Tensor | None
     attn_drop: float = 0.0
     proj_drop: float = 0.0
+    #: Keys are normalised after the projection (qk-norm): rotating heads (``align``) or
+    #: fitting K from moments (``pooling="fit"``) reasons about raw projections and is refused.
+    key_norm: bool = False
 
     @property
     def width(self) -> int:
@@ -90,6 +93,12 @@ class ModelFamily(ABC):
     def read_attention(self, module: nn.Module, label: str) -> MHAWeights:
         """The projections of ``module``; ``ConversionError`` naming ``label`` when the
         configuration cannot be reproduced."""
+
+    def keeps(self, module: nn.Module) -> bool:
+        """Whether ``module`` is an attention this family deliberately leaves multi-head
+        (e.g. a latent-query pooling head); conversion skips it and everything inside it.
+        By default none."""
+        return False
 
     def check_model(self, model: nn.Module, attention_paths: list[str]) -> None:  # noqa: B027
         """Raise ``ConversionError`` when attention is found only in part of ``model``

@@ -52,13 +52,20 @@ def _looks_like_attention(module: nn.Module) -> bool:
 def find_attention(model: nn.Module) -> list[AttentionLayer]:
     """Every convertible self-attention of ``model``, in module order, or raise.
 
-    Raises :class:`ConversionError` naming the first module that looks like attention but is
-    not a supported layout (or is a supported class configured in a way kdgqa cannot
-    reproduce), and when nothing convertible is found at all. Nothing is modified.
+    Attention a family keeps as it is (:meth:`ModelFamily.keeps`, e.g. a pooling head) is
+    skipped. Raises :class:`ConversionError` naming the first module that looks like
+    attention but is not a supported layout (or is a supported class configured in a way
+    kdgqa cannot reproduce), and when nothing convertible is found at all. Nothing is
+    modified.
     """
     found: list[AttentionLayer] = []
+    kept: list[str] = []
     for path, module in model.named_modules():
-        if any(path.startswith(layer.path + ".") for layer in found):
+        skipped = [*kept, *(layer.path for layer in found)]
+        if any(path.startswith(prefix + ".") for prefix in skipped):
+            continue
+        if any(family.keeps(module) for family in families()):
+            kept.append(path)
             continue
         label = path or "<root>"
         if isinstance(module, GroupedQueryAttention):
@@ -80,7 +87,7 @@ def find_attention(model: nn.Module) -> list[AttentionLayer]:
     if not found:
         raise ConversionError(
             f"no convertible self-attention found in {type(model).__qualname__}; expected "
-            "a timm VisionTransformer or a transformers ViTModel/ViTForImageClassification"
+            "a model of one of the families " + ", ".join(f.name for f in families())
         )
     return found
 

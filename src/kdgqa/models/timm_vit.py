@@ -1,14 +1,21 @@
-"""timm's ``VisionTransformer`` family: ViT, DeiT (distilled too), register tokens.
+"""timm's ``VisionTransformer`` family: ViT, DeiT (distilled, DeiT III), DINOv2-style (layer
+scale, registers), CLIP and SigLIP image towers, qk-norm ViTs.
 
 Attention is timm's ``Attention`` (fused ``qkv`` Linear, optional qkv/proj bias, any head
 dim), found in ``timm.layers`` (1.0.2x+) or ``timm.models.vision_transformer`` (early
-1.0.x); variants with qk-norm, scale-norm, a gate or a different output width are refused.
+1.0.x). qk-norm is kept (see :func:`shared_head_norm`); scale-norm, a gate, a different
+output width and blocks with fused attention (``ParallelScalingBlock``) are refused. The
+latent-query pooling head of ``global_pool='map'`` (``AttentionPoolLatent``) is left
+multi-head: it is a cross-attention from one learned query, whose keys and values are
+computed once per image and never cached, so grouping them saves no cache memory and would
+only change the function.
 A model is recorded by its timm name (``timm.create_model``) or its class and constructor
 arguments, read back from its modules and checked by rebuilding the structure.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -70,6 +77,28 @@ def _attention_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def _pool_classes() -> tuple[type, ...]:
+    try:
+        from timm.layers import AttentionPoolLatent
+    except ImportError:
+        return ()
+    return (AttentionPoolLatent,)
+
+
+def shared_head_norm(norm: nn.Module, head_dim: int) -> bool:
+    """Whether ``norm`` normalises over ``head_dim`` only (weights shared by all heads)."""
+    shape = getattr(norm, "normalized_shape", None)
+    if shape is None:
+        return False
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return shape == (head_dim,)
+
+
+def _has_qk_norm(attn: Any) -> bool:
+    return not (_identity(getattr(attn, "q_norm", None))
+                and _identity(getattr(attn, "k_norm", None)))
+
+
 def _model_class(name: str) -> type[nn.Module]:
     from timm.models import deit, vision_transformer
 
@@ -116,6 +145,10 @@ def _constructor_arguments(model: Any) -> dict[str, Any]:
         "fc_norm": not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity),
         "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
     }
+    if _has_qk_norm(attn):
+        kwargs["qk_norm"] = True
+    if type(getattr(block.mlp, "act", None)).__name__ == "QuickGELU":
+        kwargs["act_layer"] = "quick_gelu"
     if ls is not None and not isinstance(ls, nn.Identity):
         kwargs["init_values"] = 1e-5
     if getattr(model, "pos_embed", None) is None:
@@ -128,13 +161,21 @@ class TimmViT(ModelFamily):
 
     name = "timm ViT"
     library = "timm"
-    supported = "timm Attention (fused qkv, no qk-norm, scale-norm or gate)"
+    supported = "timm Attention (fused qkv; qk-norm over head_dim; no scale-norm or gate)"
 
     def owns(self, model: nn.Module) -> bool:
-        return type(model).__name__ in TIMM_VIT_CLASSES and hasattr(model, "blocks")
+        # NaFlexVit (flexible-resolution ViT) runs the same Block/Attention; it is recorded
+        # by its timm name only (create_timm_vit(name) or timm:NAME).
+        return (type(model).__name__ in (*TIMM_VIT_CLASSES, "NaFlexVit")
+                and hasattr(model, "blocks"))
 
     def is_attention(self, module: nn.Module) -> bool:
         return type(module) in _attention_classes()
+
+    def keeps(self, module: nn.Module) -> bool:
+        """timm's ``AttentionPoolLatent`` (``global_pool='map'``) stays multi-head: see the
+        module docstring."""
+        return isinstance(module, _pool_classes())
 
     def read_attention(self, module: nn.Module, label: str) -> MHAWeights:
         attn: Any = module
@@ -143,9 +184,13 @@ class TimmViT(ModelFamily):
         if extra:
             raise ConversionError(f"cannot convert module {label!r}: unknown submodule "
                                   f"{extra[0]!r} in timm Attention")
-        if not (_identity(getattr(attn, "q_norm", None))
-                and _identity(getattr(attn, "k_norm", None))):
-            raise ConversionError(f"cannot convert module {label!r}: qk-norm is not supported")
+        head_dim = int(attn.head_dim)
+        if _has_qk_norm(attn) and not all(
+                shared_head_norm(getattr(attn, n), head_dim) for n in ("q_norm", "k_norm")):
+            raise ConversionError(
+                f"cannot convert module {label!r}: its qk-norm does not normalise over "
+                f"head_dim={head_dim} with weights shared by all heads, so a pooled key has "
+                "no norm to use")
         if not _identity(getattr(attn, "norm", None)):
             raise ConversionError(f"cannot convert module {label!r}: scale-norm is not "
                                   "supported")
@@ -174,6 +219,7 @@ class TimmViT(ModelFamily):
             heads, head_dim, qw, kw, vw, proj.weight, qb, kb, vb, proj.bias,
             attn_drop=_dropout_p(getattr(attn, "attn_drop", None)),
             proj_drop=_dropout_p(getattr(attn, "proj_drop", None)),
+            key_norm=_has_qk_norm(attn),
         )
 
     def check_model(self, model: nn.Module, attention_paths: list[str]) -> None:
@@ -191,6 +237,13 @@ class TimmViT(ModelFamily):
 
     def grouped_attention(self, module: nn.Module, weights: MHAWeights, num_kv_heads: int,
                           scheme: str, options: dict[str, Any]) -> GroupedQueryAttention:
+        if _has_qk_norm(module):
+            # timm's q/k norms act over head_dim with weights every head shares, so a KV head
+            # pooled from a group is normalised by the very norm each of its heads used.
+            attn: Any = module
+            return GroupedQueryAttention(weights.width, weights.num_heads, num_kv_heads, scheme,
+                                         q_norm=copy.deepcopy(attn.q_norm),
+                                         k_norm=copy.deepcopy(attn.k_norm), **options)
         return GroupedQueryAttention(weights.width, weights.num_heads, num_kv_heads, scheme,
                                      **options)
 
@@ -208,6 +261,17 @@ class TimmViT(ModelFamily):
             if attn.proj.bias is not None:
                 attn.proj.bias.copy_(weights.o_bias)
 
+    def write_extras(self, module: nn.Module, grouped: GroupedQueryAttention) -> None:
+        """The trained q/k norms of a qk-norm layer back into timm's ``Attention``."""
+        for name in ("q_norm", "k_norm"):
+            source, target = getattr(grouped, name, None), getattr(module, name, None)
+            if (source is None) != _identity(target):
+                raise ExportError(f"cannot export: the converted attention has "
+                                  f"{'no ' if source is None else ''}{name} but the rebuilt "
+                                  f"timm Attention has {'one' if source is None else 'none'}")
+            if source is not None and target is not None:
+                target.load_state_dict(source.state_dict())
+
     def features(self, model: nn.Module, x: Tensor) -> Features:
         vit: Any = model
         hidden = vit.forward_features(x)
@@ -224,12 +288,16 @@ class TimmViT(ModelFamily):
     def input_geometry(self, model: nn.Module) -> InputGeometry:
         vit: Any = model
         patch_embed = getattr(vit, "patch_embed", None)
+        cfg = getattr(vit, "pretrained_cfg", None) or {}
+        if patch_embed is None and cfg.get("input_size"):  # NaFlexVit: no fixed patch grid
+            channels, size = int(cfg["input_size"][0]), int(cfg["input_size"][-1])
+            return InputGeometry(channels, size, list(cfg.get("mean") or [0.5]),
+                                 list(cfg.get("std") or [0.5]))
         if patch_embed is None or getattr(patch_embed, "img_size", None) is None:
             raise SourceError(f"cannot tell the input size of this {type(model).__name__} "
                               "(its patch_embed has no img_size)")
         size = patch_embed.img_size
         size = int(size[0] if isinstance(size, list | tuple) else size)
-        cfg = getattr(vit, "pretrained_cfg", None) or {}
         return InputGeometry(int(patch_embed.proj.in_channels), size,
                              list(cfg.get("mean") or [0.5]), list(cfg.get("std") or [0.5]))
 
@@ -285,7 +353,12 @@ class TimmViT(ModelFamily):
                 "export needs a model built from a timm name or kdgqa.create_timm_vit"
             )
         vit: Any = model
-        size = kwargs.get("img_size") or list(vit.patch_embed.img_size)
+        size = kwargs.get("img_size")
+        if not size:  # NaFlexVit has no fixed patch grid: its configured input size
+            patch_embed = getattr(vit, "patch_embed", None)
+            size = (list(patch_embed.img_size) if patch_embed is not None else
+                    list((getattr(vit, "pretrained_cfg", None) or {}).get("input_size",
+                                                                         [3, 224, 224])[1:]))
         size = [size, size] if isinstance(size, int) else list(size)
         return {
             "architecture": name,
@@ -293,7 +366,7 @@ class TimmViT(ModelFamily):
             "num_features": int(vit.num_features),
             "model_args": kwargs,
             "pretrained_cfg": {
-                "input_size": [int(vit.patch_embed.proj.in_channels), *size],
+                "input_size": [self.input_geometry(model).channels, *size],
                 "num_classes": int(vit.num_classes),
             },
         }

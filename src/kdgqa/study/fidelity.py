@@ -57,8 +57,8 @@ def _pre_logits_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]
     family = family_of(model)
     features = family.features(model, x) if family is not None else None
     if features is None or features.logits is None:
-        raise ConfigError(f"{type(model).__name__} has no classifier kdgqa can read (a timm "
-                          "ViT or a transformers ViTForImageClassification); fidelity needs "
+        raise ConfigError(f"{type(model).__name__} has no classifier kdgqa can read (an "
+                          "image classifier of a family in docs/families.md); fidelity needs "
                           "its features and logits")
     return features.pre_logits, features.logits
 
