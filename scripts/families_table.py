@@ -134,11 +134,13 @@ def table() -> str:
             lines.append(row(case, Path(scratch)))
     lines += [
         "",
-        "Left multi-head on purpose: timm's `AttentionPoolLatent` (`global_pool='map'`) and "
+        "Left multi-head by default: timm's `AttentionPoolLatent` (`global_pool='map'`) and "
         "transformers' `SiglipMultiheadAttentionPoolingHead`. Each is a cross-attention from "
         "one learned query to the image tokens, run once per image: its keys and values are "
-        "never cached, so grouping them saves no cache memory and would only change the "
-        "pooled feature. No option converts them (yet).",
+        "never cached, so grouping them saves no cache memory and changes the pooled "
+        "feature. `convert(..., attention_pool=\"gqa\")` (`--attention-pool gqa`) groups "
+        "timm's head too, exactly as the blocks (`tests/models/test_timm_pool.py`); "
+        "transformers' head has no such option.",
         "",
     ]
     return "\n".join(lines)

@@ -173,7 +173,8 @@ CASES: list[Case] = [
          _timm("vit_base_patch16_clip_quickgelu_224")),
     Case("SigLIP image tower (global_pool='map')", "timm",
          _timm("vit_base_patch16_siglip_224"),
-         note="the AttentionPoolLatent head stays MHA (one latent query, no KV cache)"),
+         note="the AttentionPoolLatent head stays MHA by default (one latent query, no KV "
+              "cache); attention_pool='gqa' groups it too"),
     Case("qk-norm ViT (qk_norm=True)", "timm", _timm(None, qk_norm=True), native=True,
          note="LayerNorm over head_dim is shared by all heads: a pooled key reuses K-norm"),
     Case("NaFlexVit", "timm", _timm("naflexvit_base_patch16_gap", img_size=None)),

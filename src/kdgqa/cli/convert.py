@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--align", action="store_true",
                         help="rotate each head into its group's common basis before pooling "
                         "(the same function; needs --calibration)")
+    parser.add_argument("--attention-pool", choices=("keep", "gqa"), default="keep",
+                        help="timm's attention-pooling head (global_pool='map'): keep it "
+                        "multi-head (default; one query, no KV cache) or give it G K/V heads")
     parser.add_argument("--option", action="append", type=_key_value, default=[],
                         metavar="KEY=VALUE", help="scheme option, e.g. window_size=300")
     parser.add_argument("--calibration", default=None, metavar="SPEC",
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             f"calibration: {images.shape[0]} images from {args.calibration} at "
             f"{geometry.image_size} px, normalised with mean {mean} std {std}")
     convert(model, args.scheme, args.kv_heads, pooling=args.pooling, align=args.align,
-            **options, **extra)
+            attention_pool=args.attention_pool, **options, **extra)
     model.eval()
     kv_after = kv_cache_bytes_per_token(model, dtype)
     if args.format == "mha":

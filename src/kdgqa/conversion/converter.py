@@ -29,6 +29,7 @@ from kdgqa.conversion.options import DATA_POOLING, FIT_CALIBRATION_IMAGES
 from kdgqa.conversion.pooling import check_pooling, pool_heads
 from kdgqa.errors import ConversionError, SchemeError
 from kdgqa.models.locate import AttentionLayer, find_attention, set_submodule
+from kdgqa.models.timm_pool import ATTENTION_POOL_CHOICES, grouped_attention_pools
 from kdgqa.schemes.registry import SCHEMES, scheme_class
 
 __all__ = ["RECORDED", "build_replacement", "convert"]
@@ -162,6 +163,7 @@ def convert(
     *,
     calibration: Any = None,
     align: bool = False,
+    attention_pool: str = "keep",
     **scheme_options: Any,
 ) -> nn.Module:
     """Replace every self-attention of ``model`` by a grouped-query one; return ``model``.
@@ -186,8 +188,15 @@ def convert(
     (:mod:`kdgqa.conversion.align`). Both need ``calibration`` (every scheme; at most
     ``calibration_images`` of a calibrated scheme, else 512 images), measured on the
     original model in one pass.
+
+    ``attention_pool``: timm's attention-pooling head (``AttentionPoolLatent``, one latent query,
+    no KV cache) stays multi-head with ``"keep"`` (the default); ``"gqa"`` gives it G K/V
+    heads pooled from contiguous groups (:mod:`kdgqa.models.timm_pool`).
     """
     check_pooling(pooling)
+    if attention_pool not in ATTENTION_POOL_CHOICES:
+        raise ConversionError(f"attention_pool must be one of {', '.join(ATTENTION_POOL_CHOICES)}"
+                              f", got {attention_pool!r}")
     if not isinstance(align, bool):
         raise ConversionError(f"align must be True or False, got {align!r}")
     data_pooling = align or pooling in DATA_POOLING
@@ -253,7 +262,8 @@ def convert(
     # Build every replacement first: scheme or G errors surface before the model changes.
     replacements = [(layer.path, build(layer, plans[layer.path].groups if plans else None))
                     for layer in layers]
-    for path, new in replacements:
+    pools = (grouped_attention_pools(model, num_kv_heads) if attention_pool == "gqa" else [])
+    for path, new in [*replacements, *pools]:
         set_submodule(model, path, new)
     first: Any = replacements[0][1]
     conversion: dict[str, Any] = {
@@ -262,6 +272,7 @@ def convert(
         "num_heads": heads[0] if len(heads) == 1 else heads,
         "pooling": pooling,
         "align": align,
+        "attention_pool": attention_pool,
         "scheme_options": dict(first.scheme_options),
         "layers": [path for path, _ in replacements],
     }

@@ -113,6 +113,8 @@ def conversion_of(model: nn.Module) -> dict[str, Any] | None:
     out = {k: conversion[k] for k in keys}
     if conversion.get("align"):
         out["align"] = True
+    if conversion.get("attention_pool", "keep") != "keep":  # older records stay as they were
+        out["attention_pool"] = conversion["attention_pool"]
     return out
 
 
@@ -270,7 +272,8 @@ def load(directory: str | Path) -> nn.Module:
             options.setdefault("calibration", RECORDED)
         try:
             convert(model, conversion["scheme"], conversion["num_kv_heads"], pooling=pooling,
-                    align=align, **options)
+                    align=align, attention_pool=conversion.get("attention_pool", "keep"),
+                    **options)
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"the conversion recorded in {str(directory)!r} cannot be "
                                   f"applied: {error}") from None

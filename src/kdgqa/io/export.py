@@ -27,6 +27,7 @@ from kdgqa.io.weights import safetensors_failure
 from kdgqa.models.base import MHAWeights
 from kdgqa.models.locate import grouped_layers
 from kdgqa.models.registry import family_for_library, family_of_attention
+from kdgqa.models.timm_pool import GroupedAttentionPoolLatent, expanded_kv_state
 
 __all__ = ["export_mha", "fixed_kv_index"]
 
@@ -79,6 +80,9 @@ def export_mha(model: nn.Module, directory: str | Path) -> Path:
         for key, value in model.state_dict().items()
         if not any(key.startswith(p + ".") for p in attention_paths)
     }
+    for path, pool in model.named_modules():  # grouped attention-pooling heads: repeat K/V
+        if isinstance(pool, GroupedAttentionPoolLatent):
+            copied.update(expanded_kv_state(pool, f"{path}."))
     for key, value in copied.items():
         if key not in base_state or base_state[key].shape != value.shape:
             raise ExportError(f"tensor {key!r} has no counterpart in the rebuilt base model")
