@@ -71,12 +71,3 @@ class ViTArchitecture(HFArchitecture):
             raise ConversionError(f"cannot convert module {label!r}: it has pruned heads")
         return super().read_attention(module, label)
 
-
-def __getattr__(name: str) -> Any:
-    """``HFViT``: the family this module used to define, now every transformers architecture
-    (:class:`kdgqa.models.hf_family.HFVision`); imported lazily, as that module imports this."""
-    if name == "HFViT":
-        from kdgqa.models.hf_family import HFVision
-
-        return HFVision
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
