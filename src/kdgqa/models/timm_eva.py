@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from kdgqa.attention import GroupedQueryAttention
-from kdgqa.errors import ConversionError, ExportError, SourceError
+from kdgqa.errors import ConversionError, SourceError
 from kdgqa.models.base import MHAWeights
-from kdgqa.models.timm_vit import TimmViT, jsonable
+from kdgqa.models.timm_vit import TimmViT, is_identity, jsonable
 
 __all__ = ["EVA_CLASSES", "EvaRotary", "TimmEva", "create_timm_eva", "eva_full_kwargs"]
 
@@ -62,10 +62,6 @@ def _attention_classes() -> tuple[type, ...]:
     except ImportError:
         pass
     return tuple(classes)
-
-
-def _identity(module: Any) -> bool:
-    return module is None or isinstance(module, nn.Identity)
 
 
 def _dropout_p(module: Any) -> float:
@@ -97,8 +93,8 @@ def _extras_reason(attn: Any, rope: bool) -> str | None:
     """Why a data-driven pooling/grouping would not be exact on ``attn`` (None: it would)."""
     found = [name for name, present in (
         ("rotary position embedding", rope),
-        ("qk-norm", not _identity(getattr(attn, "q_norm", None))),
-        ("scale-norm", not _identity(getattr(attn, "norm", None))),
+        ("qk-norm", not is_identity(getattr(attn, "q_norm", None))),
+        ("scale-norm", not is_identity(getattr(attn, "norm", None))),
     ) if present]
     return ", ".join(found) or None
 
@@ -145,7 +141,7 @@ class TimmEva(TimmViT):
         heads, head_dim = int(attn.num_heads), int(attn.head_dim)
         for name in ("q_norm", "k_norm"):
             norm: Any = getattr(attn, name, None)
-            if not _identity(norm) and any(p.numel() != head_dim for p in norm.parameters()):
+            if not is_identity(norm) and any(p.numel() != head_dim for p in norm.parameters()):
                 # A per-head norm would have to be pooled too: one KV head, several norms.
                 raise ConversionError(f"cannot convert module {label!r}: {name} must be one "
                                       f"norm over head_dim={head_dim} shared by every head")
@@ -216,52 +212,13 @@ class TimmEva(TimmViT):
 
         def kept(name: str) -> nn.Module | None:
             part = getattr(attn, name, None)
-            return None if _identity(part) else copy.deepcopy(part)
+            return None if is_identity(part) else copy.deepcopy(part)
 
         rotary = EvaRotary(int(attn.num_prefix_tokens), bool(getattr(attn, "rotate_half",
                                                                       False)))
         return GroupedQueryAttention(weights.width, weights.num_heads, num_kv_heads, scheme,
                                      q_norm=kept("q_norm"), k_norm=kept("k_norm"),
                                      rotary=rotary, out_norm=kept("norm"), **options)
-
-    def write_attention(self, module: nn.Module, weights: MHAWeights) -> None:
-        attn: Any = module
-        with torch.no_grad():
-            if attn.qkv is not None:
-                attn.qkv.weight.copy_(torch.cat([weights.q_weight, weights.k_weight,
-                                                 weights.v_weight]))
-                if attn.qkv.bias is not None:
-                    assert weights.q_bias is not None and weights.k_bias is not None
-                    assert weights.v_bias is not None
-                    attn.qkv.bias.copy_(torch.cat([weights.q_bias, weights.k_bias,
-                                                   weights.v_bias]))
-                elif getattr(attn, "q_bias", None) is not None:
-                    _fixed_zero(weights.k_bias)
-                    attn.q_bias.copy_(weights.q_bias)
-                    attn.v_bias.copy_(weights.v_bias)
-            else:
-                for proj, w, b in ((attn.q_proj, weights.q_weight, weights.q_bias),
-                                   (attn.k_proj, weights.k_weight, weights.k_bias),
-                                   (attn.v_proj, weights.v_weight, weights.v_bias)):
-                    proj.weight.copy_(w)
-                    if proj.bias is not None:
-                        proj.bias.copy_(b)
-                    else:
-                        _fixed_zero(b)
-            attn.proj.weight.copy_(weights.o_weight)
-            if attn.proj.bias is not None:
-                attn.proj.bias.copy_(weights.o_bias)
-
-    def write_extras(self, module: nn.Module, grouped: GroupedQueryAttention) -> None:
-        for ours, theirs in (("q_norm", "q_norm"), ("k_norm", "k_norm"), ("out_norm", "norm")):
-            source, target = getattr(grouped, ours, None), getattr(module, theirs, None)
-            if (source is None) != _identity(target):
-                raise ExportError(f"cannot export: the converted attention has "
-                                  f"{'no ' if source is None else ''}{ours} but the rebuilt "
-                                  f"Eva attention has {'one' if source is None else 'none'}")
-            if source is not None:
-                assert target is not None
-                target.load_state_dict(source.state_dict())
 
     # ---------------------------------------------------------------- records
     def base_spec(self, model: nn.Module) -> dict[str, Any] | None:
@@ -291,13 +248,6 @@ class TimmEva(TimmViT):
         stand_in = {**spec, "name": EVA_STAND_IN,
                     "kwargs": eva_full_kwargs(dict(spec.get("kwargs") or {}))}
         return super()._export_config(stand_in, model)
-
-
-def _fixed_zero(bias: Tensor | None) -> None:
-    """timm's Eva has no K bias parameter: exporting one that is not zero would change it."""
-    if bias is not None and bool(bias.detach().abs().max() > 0):
-        raise ExportError("cannot export: this Eva attention has no K bias, but the converted "
-                          "model's K bias is not zero (it was trained)")
 
 
 def create_timm_eva(name: str | None = None, **eva_kwargs: Any) -> nn.Module:

@@ -141,27 +141,6 @@ class _RelPosFamily(TimmViT):
             bias_table=getattr(attn, "relative_position_bias_table", None),
             bias_index=getattr(attn, "relative_position_index", None), **options)
 
-    def write_attention(self, module: nn.Module, weights: MHAWeights) -> None:
-        attn: Any = module
-        with torch.no_grad():
-            attn.qkv.weight.copy_(torch.cat([weights.q_weight, weights.k_weight,
-                                             weights.v_weight]))
-            if attn.qkv.bias is not None:
-                assert weights.q_bias is not None and weights.k_bias is not None
-                assert weights.v_bias is not None
-                attn.qkv.bias.copy_(torch.cat([weights.q_bias, weights.k_bias,
-                                               weights.v_bias]))
-            elif getattr(attn, "q_bias", None) is not None:
-                assert weights.k_bias is not None
-                if bool(weights.k_bias.detach().abs().max() > 0):
-                    raise ExportError("cannot export: BEiT attention has no K bias, but the "
-                                      "converted model's K bias is not zero (it was trained)")
-                attn.q_bias.copy_(weights.q_bias)
-                attn.v_bias.copy_(weights.v_bias)
-            attn.proj.weight.copy_(weights.o_weight)
-            if attn.proj.bias is not None:
-                attn.proj.bias.copy_(weights.o_bias)
-
     def write_extras(self, module: nn.Module, grouped: GroupedQueryAttention) -> None:
         table = getattr(grouped, "relative_position_bias_table", None)
         target = getattr(module, "relative_position_bias_table", None)

@@ -95,8 +95,8 @@ def shared_head_norm(norm: nn.Module, head_dim: int) -> bool:
 
 
 def _has_qk_norm(attn: Any) -> bool:
-    return not (_identity(getattr(attn, "q_norm", None))
-                and _identity(getattr(attn, "k_norm", None)))
+    return not (is_identity(getattr(attn, "q_norm", None))
+                and is_identity(getattr(attn, "k_norm", None)))
 
 
 def _model_class(name: str) -> type[nn.Module]:
@@ -111,8 +111,16 @@ def _model_class(name: str) -> type[nn.Module]:
     return classes[name]
 
 
-def _identity(module: Any) -> bool:
+def is_identity(module: Any) -> bool:
     return module is None or isinstance(module, nn.Identity)
+
+
+def _fixed_zero(bias: Tensor | None) -> None:
+    """Layouts without a K bias parameter (BEiT, Eva): exporting a K bias that is not zero
+    would change the function."""
+    if bias is not None and bool(bias.detach().abs().max() > 0):
+        raise ExportError("cannot export: this timm attention has no K bias, but the "
+                          "converted model's K bias is not zero (it was trained)")
 
 
 def _dropout_p(module: Any) -> float:
@@ -191,7 +199,7 @@ class TimmViT(ModelFamily):
                 f"cannot convert module {label!r}: its qk-norm does not normalise over "
                 f"head_dim={head_dim} with weights shared by all heads, so a pooled key has "
                 "no norm to use")
-        if not _identity(getattr(attn, "norm", None)):
+        if not is_identity(getattr(attn, "norm", None)):
             raise ConversionError(f"cannot convert module {label!r}: scale-norm is not "
                                   "supported")
         if getattr(attn, "gate", None) is not None:
@@ -248,27 +256,43 @@ class TimmViT(ModelFamily):
                                      **options)
 
     def write_attention(self, module: nn.Module, weights: MHAWeights) -> None:
+        """Every timm attention layout: fused ``qkv`` (with its bias, or BEiT/Eva's separate
+        ``q_bias``/``v_bias`` and no K bias), or separate ``q_proj``/``k_proj``/``v_proj``."""
         attn: Any = module
         with torch.no_grad():
-            attn.qkv.weight.copy_(torch.cat([weights.q_weight, weights.k_weight,
-                                             weights.v_weight]))
-            if attn.qkv.bias is not None:
-                assert weights.q_bias is not None and weights.k_bias is not None
-                assert weights.v_bias is not None
-                attn.qkv.bias.copy_(torch.cat([weights.q_bias, weights.k_bias,
-                                               weights.v_bias]))
+            if getattr(attn, "qkv", None) is not None:
+                attn.qkv.weight.copy_(torch.cat([weights.q_weight, weights.k_weight,
+                                                 weights.v_weight]))
+                if attn.qkv.bias is not None:
+                    assert weights.q_bias is not None and weights.k_bias is not None
+                    assert weights.v_bias is not None
+                    attn.qkv.bias.copy_(torch.cat([weights.q_bias, weights.k_bias,
+                                                   weights.v_bias]))
+                elif getattr(attn, "q_bias", None) is not None:
+                    _fixed_zero(weights.k_bias)
+                    attn.q_bias.copy_(weights.q_bias)
+                    attn.v_bias.copy_(weights.v_bias)
+            else:
+                for proj, w, b in ((attn.q_proj, weights.q_weight, weights.q_bias),
+                                   (attn.k_proj, weights.k_weight, weights.k_bias),
+                                   (attn.v_proj, weights.v_weight, weights.v_bias)):
+                    proj.weight.copy_(w)
+                    if proj.bias is not None:
+                        proj.bias.copy_(b)
+                    else:
+                        _fixed_zero(b)
             attn.proj.weight.copy_(weights.o_weight)
             if attn.proj.bias is not None:
                 attn.proj.bias.copy_(weights.o_bias)
 
     def write_extras(self, module: nn.Module, grouped: GroupedQueryAttention) -> None:
-        """The trained q/k norms of a qk-norm layer back into timm's ``Attention``."""
-        for name in ("q_norm", "k_norm"):
-            source, target = getattr(grouped, name, None), getattr(module, name, None)
-            if (source is None) != _identity(target):
+        """The trained q/k norms (and Eva's output norm) back into timm's attention."""
+        for ours, theirs in (("q_norm", "q_norm"), ("k_norm", "k_norm"), ("out_norm", "norm")):
+            source, target = getattr(grouped, ours, None), getattr(module, theirs, None)
+            if (source is None) != is_identity(target):
                 raise ExportError(f"cannot export: the converted attention has "
-                                  f"{'no ' if source is None else ''}{name} but the rebuilt "
-                                  f"timm Attention has {'one' if source is None else 'none'}")
+                                  f"{'no ' if source is None else ''}{ours} but the rebuilt "
+                                  f"timm attention has {'one' if source is None else 'none'}")
             if source is not None and target is not None:
                 target.load_state_dict(source.state_dict())
 
