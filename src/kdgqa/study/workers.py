@@ -15,7 +15,6 @@ import multiprocessing as mp
 import pickle
 import queue
 import signal
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +51,11 @@ class WorkerJob:
 
 
 def _worker(jobs: Any, tasks: Any, results: Any) -> None:
+    # Ctrl-C is the parent's to answer: ignored here, then unblocked (it was blocked since
+    # the process started, see WorkerPool.__enter__), so one that arrived meanwhile is dropped.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     payload: bytes | None = jobs.get()
     if payload is None:
         return
@@ -93,30 +97,34 @@ class WorkerPool:
                                                             self._results),
                                       daemon=True, name=f"kdgqa-grid-{i}")
                 for i in range(self.workers)]
-            # Started with Ctrl-C ignored (kept across exec, so also while they import):
-            # the parent answers it for the whole process group and stops the workers. The
-            # parent blocks it meanwhile, so a Ctrl-C in that moment stays pending (a blocked
-            # signal is never discarded) and reaches it once its handler is back.
-            in_main = threading.current_thread() is threading.main_thread()
-            can_block = in_main and hasattr(signal, "pthread_sigmask")
+            # Started with Ctrl-C blocked: the calling thread's signal mask is inherited
+            # across fork and exec, so a worker cannot be interrupted while it imports and
+            # unpickles; it then ignores Ctrl-C for good (see _worker). The parent answers it
+            # for the whole process group and stops the workers. Its own handler is left as
+            # it is: a Ctrl-C meanwhile reaches it (through any of its threads, the handler
+            # being process-wide), and ignoring it here instead could lose it (a thread that
+            # does not block it would take it and discard it).
+            can_block = hasattr(signal, "pthread_sigmask")
             if can_block:
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
             try:
                 for process in self._processes:
                     process.start()
-            finally:
-                if in_main:
-                    signal.signal(signal.SIGINT, previous)
+                if can_block:  # a Ctrl-C that waited is answered here, inside the try
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            except BaseException:
                 if can_block:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+                self.__exit__()  # a Ctrl-C while starting: stop what was started
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for process in self._processes:
+        started = [p for p in self._processes if p.pid is not None]  # a Ctrl-C can cut a start
+        for process in started:
             if process.is_alive():
                 process.terminate()
-        for process in self._processes:
+        for process in started:
             process.join()
         if self._processes:
             for channel in (self._jobs, self._tasks, self._results):
