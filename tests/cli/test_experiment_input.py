@@ -96,12 +96,20 @@ def test_resume_without_the_config_record_is_refused(tmp_path: Path, capsys) -> 
     assert _listing(out) == before
 
 
+def _as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_is_one_line_and_status_130(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "kdgqa.cli", "experiment", "-o", str(tmp_path / "s"),
             "--no-progress", "--device", "cpu", "--set", "pretrain.epochs=1",
             "--set", "uptrain.epochs=30", "--set", "cpu_workers=2"]
+    # Started as from a terminal: Ctrl-C neither ignored nor blocked. A test run launched in
+    # the background of a non-interactive shell has SIGINT ignored, and that would be
+    # inherited (and rightly respected: nohup-style launches ignore it on purpose).
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:

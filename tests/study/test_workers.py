@@ -85,5 +85,11 @@ def test_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch) -> None:
         os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C while the pool is starting
 
     monkeypatch.setattr(mp.context.SpawnProcess, "start", start_then_interrupt)
-    with pytest.raises(KeyboardInterrupt), WorkerPool(2):
-        time.sleep(5)  # the interrupt arrives here at the latest, not never
+    # As in a terminal: Python's Ctrl-C handler (a test run launched in the background of a
+    # non-interactive shell starts with SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), WorkerPool(2):
+            time.sleep(5)  # the interrupt arrives here at the latest, not never
+    finally:
+        signal.signal(signal.SIGINT, previous)
