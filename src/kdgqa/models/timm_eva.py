@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from kdgqa.attention import GroupedQueryAttention
-from kdgqa.errors import ConversionError, SourceError
+from kdgqa.errors import ConversionError
 from kdgqa.models.base import MHAWeights
 from kdgqa.models.timm_vit import TimmViT, is_identity, jsonable
 
@@ -224,23 +224,10 @@ class TimmEva(TimmViT):
     def base_spec(self, model: nn.Module) -> dict[str, Any] | None:
         return None  # an Eva is recorded when built by create_timm_eva or load_model
 
-    def build_base(self, spec: dict[str, Any]) -> nn.Module:
-        import timm
+    def unnamed_class(self, spec: dict[str, Any]) -> type[nn.Module]:
         from timm.models.eva import Eva
 
-        kwargs = spec.get("kwargs") or {}
-        name = spec.get("name")
-        if not isinstance(kwargs, dict) or not (name is None or isinstance(name, str)):
-            raise SourceError(f"malformed timm Eva description: name {name!r} must be a "
-                              f"string and kwargs {kwargs!r} a mapping")
-        try:
-            if name:
-                return timm.create_model(name, pretrained=False, **kwargs)
-            return Eva(**kwargs)
-        except Exception as error:  # any constructor failure on bad arguments
-            detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise SourceError(f"cannot build timm Eva {name or 'Eva'!r} with {kwargs}: "
-                              f"{detail or type(error).__name__}") from None
+        return Eva
 
     def _export_config(self, spec: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         if spec.get("name"):

@@ -332,6 +332,10 @@ class TimmViT(ModelFamily):
         return {"library": "timm", "name": None, "class": cls_name,
                 "kwargs": _constructor_arguments(model)}
 
+    def unnamed_class(self, spec: dict[str, Any]) -> type[nn.Module]:
+        """The class that builds a record without a timm name (subclass families: theirs)."""
+        return _model_class(spec.get("class") or "VisionTransformer")
+
     def build_base(self, spec: dict[str, Any]) -> nn.Module:
         import timm
 
@@ -343,7 +347,7 @@ class TimmViT(ModelFamily):
         try:
             if name:
                 return timm.create_model(name, pretrained=False, **kwargs)
-            return _model_class(spec.get("class") or "VisionTransformer")(**kwargs)
+            return self.unnamed_class(spec)(**kwargs)
         except SourceError:
             raise
         except Exception as error:  # any constructor failure on bad arguments
