@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from kdgqa.attention import GroupedQueryAttention
 from kdgqa.errors import ConversionError
 from kdgqa.models.base import MHAWeights
-from kdgqa.models.timm_vit import TimmViT, is_identity, jsonable
+from kdgqa.models.timm_vit import TimmViT, fused_qkv_parts, is_identity, jsonable
 
 __all__ = ["EVA_CLASSES", "EvaRotary", "TimmEva", "create_timm_eva", "eva_full_kwargs"]
 
@@ -159,17 +159,7 @@ class TimmEva(TimmViT):
             if not isinstance(qkv, nn.Linear) or qkv.out_features != 3 * width:
                 raise ConversionError(f"cannot convert module {label!r}: qkv must be an "
                                       f"nn.Linear with 3 x {heads} heads x {head_dim} outputs")
-            qw, kw, vw = qkv.weight.chunk(3, dim=0)
-            qb: Tensor | None
-            kb: Tensor | None
-            vb: Tensor | None
-            if qkv.bias is not None:  # AttentionRope
-                qb, kb, vb = qkv.bias.chunk(3, dim=0)
-            elif getattr(attn, "q_bias", None) is not None:  # EvaAttention: K bias is zero
-                qb, vb = attn.q_bias, attn.v_bias
-                kb = torch.zeros_like(qb) if attn.k_bias is None else attn.k_bias
-            else:
-                qb = kb = vb = None
+            qw, kw, vw, qb, kb, vb = fused_qkv_parts(attn)
         else:
             projs = (attn.q_proj, attn.k_proj, attn.v_proj)
             if not all(isinstance(p, nn.Linear) and p.out_features == width for p in projs):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from kdgqa.attention import GroupedQueryAttention
 from kdgqa.errors import ConversionError, ExportError
 from kdgqa.models.base import MHAWeights
-from kdgqa.models.timm_vit import TimmViT
+from kdgqa.models.timm_vit import TimmViT, fused_qkv_parts
 
 __all__ = ["RelPosGroupedAttention", "TimmBeit", "TimmSwin"]
 
@@ -113,17 +113,7 @@ class _RelPosFamily(TimmViT):
         if proj.in_features != heads * head_dim or proj.out_features != qkv.in_features:
             raise ConversionError(f"cannot convert module {label!r}: proj must map "
                                   f"{heads} heads x {head_dim} back to {qkv.in_features}")
-        qw, kw, vw = qkv.weight.chunk(3, dim=0)
-        qb: Tensor | None
-        kb: Tensor | None
-        vb: Tensor | None
-        if qkv.bias is not None:
-            qb, kb, vb = qkv.bias.chunk(3, dim=0)
-        elif getattr(attn, "q_bias", None) is not None:  # BEiT: the K bias is a zero buffer
-            qb, vb = attn.q_bias, attn.v_bias
-            kb = torch.zeros_like(attn.q_bias)
-        else:
-            qb = kb = vb = None
+        qw, kw, vw, qb, kb, vb = fused_qkv_parts(attn)
         drop = attn.attn_drop
         return MHAWeights(heads, head_dim, qw, kw, vw, proj.weight, qb, kb, vb, proj.bias,
                           attn_drop=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,

@@ -94,6 +94,23 @@ def shared_head_norm(norm: nn.Module, head_dim: int) -> bool:
     return shape == (head_dim,)
 
 
+def fused_qkv_parts(attn: Any) -> tuple[Tensor, Tensor, Tensor,
+                                        Tensor | None, Tensor | None, Tensor | None]:
+    """Q, K, V weights and biases of a timm attention with a fused ``qkv``: its bias, or
+    BEiT/Eva's separate ``q_bias``/``v_bias`` with a zero K bias (the counterpart of
+    :meth:`TimmViT.write_attention`)."""
+    qkv = attn.qkv
+    qw, kw, vw = qkv.weight.chunk(3, dim=0)
+    if qkv.bias is not None:
+        qb, kb, vb = qkv.bias.chunk(3, dim=0)
+        return qw, kw, vw, qb, kb, vb
+    if getattr(attn, "q_bias", None) is not None:
+        k_bias = getattr(attn, "k_bias", None)
+        return (qw, kw, vw, attn.q_bias,
+                torch.zeros_like(attn.q_bias) if k_bias is None else k_bias, attn.v_bias)
+    return qw, kw, vw, None, None, None
+
+
 def _has_qk_norm(attn: Any) -> bool:
     return not (is_identity(getattr(attn, "q_norm", None))
                 and is_identity(getattr(attn, "k_norm", None)))
