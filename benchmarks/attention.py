@@ -11,6 +11,7 @@ so the comparison shows what the fused, sync-free path buys. Prints a JSON list 
 
     python benchmarks/attention.py --out benchmarks/results/attention_h200.json
     python benchmarks/attention.py --schemes gqa calibrated --expand-method split
+    python benchmarks/attention.py --schemes gqa kdgqa --expand-method gather headmap
     python benchmarks/attention.py --schemes gqa pgqa --shapes vit_b --perturb-method autograd
     python benchmarks/attention.py --device cpu --shapes tiny --iters 3 --warmup 1  # smoke
 """
@@ -43,6 +44,8 @@ SHAPES: dict[str, dict[str, int]] = {
 DEFAULT_SHAPES = ("vit_b", "vit_l", "vit_b_384")
 SCHEMES = ("mha", "gqa", "kdgqa", "dgqa-ema", "dgqa-diff", "pgqa", "mqa", "kdgqa-ps",
            "calibrated", "similarity")
+# Schemes whose head map can be uneven or per sample: the ones --expand-method changes.
+UNEVEN_SCHEMES = ("kdgqa", "dgqa-ema", "dgqa-diff", "kdgqa-ps", "calibrated")
 LOOP_KINDS = ("loop-gqa", "loop-kdgqa", "loop-pgqa")
 
 
@@ -162,7 +165,9 @@ def sync_free(module: nn.Module, x: Tensor) -> bool:
     return ok
 
 
-def measure(name: str, shape_name: str, args: argparse.Namespace) -> dict[str, object]:
+def measure(
+    name: str, shape_name: str, args: argparse.Namespace, expand_method: str = "auto"
+) -> dict[str, object]:
     shape = SHAPES[shape_name]
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -174,7 +179,7 @@ def measure(name: str, shape_name: str, args: argparse.Namespace) -> dict[str, o
     xg = x.clone().requires_grad_(True)
     grad = torch.randn_like(x)
     if isinstance(module, kdgqa.GroupedQueryAttention):
-        module.expand_method = args.expand_method
+        module.expand_method = expand_method
         if hasattr(module.allocator, "perturb_method"):
             module.allocator.perturb_method = args.perturb_method
     run = torch.compile(module, fullgraph=True) if args.compile else module
@@ -196,7 +201,7 @@ def measure(name: str, shape_name: str, args: argparse.Namespace) -> dict[str, o
         "scheme": name,
         "dtype": str(dtype).removeprefix("torch."),
         "compiled": args.compile,
-        "expand_method": args.expand_method,
+        "expand_method": expand_method,
         **({"perturb_method": args.perturb_method} if name == "pgqa" else {}),
         "fwd_ms": round(time_ms(fwd, args.iters, args.warmup, device == "cuda"), 4),
         "fwd_bwd_ms": round(time_ms(fwd_bwd, args.iters, args.warmup, device == "cuda"), 4),
@@ -218,17 +223,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemes", nargs="+", default=[*SCHEMES, *LOOP_KINDS],
                         choices=[*SCHEMES, *LOOP_KINDS])
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True)")
-    parser.add_argument("--expand-method", default="auto",
+    parser.add_argument("--expand-method", nargs="+", default=["auto"],
                         choices=["auto", "triton", "index_select", "advanced_index", "gather",
-                                 "onehot", "split", "headmap"])
+                                 "onehot", "split", "headmap"],
+                        help="one row per method for schemes with uneven or per-sample maps "
+                             "(uniform schemes run once, with the first)")
     parser.add_argument("--perturb-method", default="auto", choices=list(PERTURB_METHODS),
                         help="how pgqa's noise step runs (autograd: the plain tensor ops)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: fp32 wall-clock smoke run (no sync check)")
+    parser.add_argument("--tiles-from", type=Path, metavar="JSON",
+                        help="head-map kernel settings chosen by headmap_tune.py --merge "
+                             "(default: the library's TUNED_TILES)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, help="also write the JSON list here")
     args = parser.parse_args(argv)
+    if args.tiles_from:
+        from headmap_tune import chosen_tiles
+        from kdgqa.core.headmap_attention import TUNED_TILES
+
+        TUNED_TILES.update(chosen_tiles(args.tiles_from))
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/attention.py: error: needs a CUDA device (or --device cpu)",
               file=sys.stderr)
@@ -238,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.schemes:
             if args.compile and name.startswith("loop-"):
                 continue
-            record = measure(name, shape_name, args)
-            print(json.dumps(record), file=sys.stderr, flush=True)
-            records.append(record)
+            methods = args.expand_method if name in UNEVEN_SCHEMES else args.expand_method[:1]
+            for method in methods:
+                record = measure(name, shape_name, args, method)
+                print(json.dumps(record), file=sys.stderr, flush=True)
+                records.append(record)
     emit(records, args.out)
     return 0
 

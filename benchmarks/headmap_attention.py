@@ -126,10 +126,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="kdgqa.core.ops.expand_kv method for the 'expand' variant")
     parser.add_argument("--peak-tflops", type=float, default=790.0,
                         help="dense bf16 peak for MFU (default 790)")
+    parser.add_argument("--tiles-from", type=Path, metavar="JSON",
+                        help="head-map kernel settings chosen by headmap_tune.py --merge "
+                             "(default: the library's TUNED_TILES)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.tiles_from:
+        from headmap_tune import chosen_tiles
+        from kdgqa.core.headmap_attention import TUNED_TILES
+
+        TUNED_TILES.update(chosen_tiles(args.tiles_from))
     if not torch.cuda.is_available():
         print("benchmarks/headmap_attention.py: error: needs a CUDA device (none is visible); "
               "the kernel's correctness is tested on CPU by tests/core/test_headmap_attention.py",

@@ -28,7 +28,14 @@ import pytest
 import torch
 
 from conftest import require_triton_interpreter
-from kdgqa.core.headmap_attention import headmap_attention, headmap_attention_reference
+from kdgqa.core.headmap_attention import (
+    TUNED_TILES,
+    HeadmapTiles,
+    Tiles,
+    default_tiles,
+    headmap_attention,
+    headmap_attention_reference,
+)
 from kdgqa.errors import KdgqaError
 
 # map: "uniform" (contiguous equal groups), "uneven" (H,), "per_sample" (B, H), "unused"
@@ -52,7 +59,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch
-    from kdgqa.core.headmap_attention import headmap_attention, headmap_attention_reference
+    from kdgqa.core.headmap_attention import (
+        HeadmapTiles, headmap_attention, headmap_attention_reference)
 
     def head_map(c, gen):
         b, h, g = c["b"], c["h"], c["g"]
@@ -67,8 +75,8 @@ SCRIPT = textwrap.dedent(
         return torch.randint(0, g, (b, h), generator=gen)
 
     def run(c, q, k, v, m, grad):
-        out = headmap_attention(q, k, v, m, c.get("scale"), block_m=c.get("bm"),
-                                block_n=c.get("bn"))
+        tiles = HeadmapTiles.same(c["bm"], c["bn"]) if "bm" in c else None
+        out = headmap_attention(q, k, v, m, c.get("scale"), tiles=tiles)
         return (out, *torch.autograd.grad(out, (q, k, v), grad))
 
     results = {}
@@ -189,10 +197,24 @@ def test_map_on_another_device_raises():
         headmap_attention(q, k, v, m.cpu())
 
 
-def test_bad_block_size_raises():
+@pytest.mark.parametrize(("tiles", "message"), [
+    (HeadmapTiles.same(24, 16), "forward.block_m must be a power of two >= 16; got 24"),
+    (HeadmapTiles(Tiles(64, 64), Tiles(64, 8), Tiles(64, 64)), "grad_q.block_n must be"),
+    (HeadmapTiles(Tiles(64, 64), Tiles(64, 64), Tiles(64, 64, 3)), "grad_kv.num_warps must"),
+])
+def test_bad_tiles_raise(tiles, message):
     q, k, v, m, _ = _inputs(per_sample=False)
-    with pytest.raises(KdgqaError, match="block_m must be a power of two"):
-        headmap_attention(q, k, v, m, block_m=24)
+    with pytest.raises(KdgqaError, match=message):
+        headmap_attention(q, k, v, m, tiles=tiles)
+
+
+def test_tuned_tiles_cover_every_head_dim_and_round_trip():
+    assert default_tiles(16) == TUNED_TILES[32]
+    assert default_tiles(48) == TUNED_TILES[64]
+    assert default_tiles(256) == TUNED_TILES[max(TUNED_TILES)]
+    for tiles in TUNED_TILES.values():
+        tiles.check()
+        assert HeadmapTiles.from_flat(tiles.flat()) == tiles
 
 
 # ---- CUDA only: run by the GPU session (compiled kernels, bf16, long sequences, speed) ----
@@ -251,6 +273,17 @@ def test_cuda_headmap_training_step_never_synchronises():
     module.expand_method = "headmap"
     x = torch.randn(4, 197, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert_training_steps_never_synchronise(module, x)
+
+
+@cuda
+def test_cuda_unchecked_out_of_range_map_stays_inside_the_tensors():
+    # check_map=False: the kernels clamp the entry (to G - 1), so the result is attention
+    # with that KV head, not a read of foreign memory.
+    q, k, v, _, _ = _inputs(False, torch.bfloat16, "cuda", b=2, h=4, g=2, n=16, d=32)
+    bad = torch.tensor([0, 1, 7, -3], device="cuda")
+    got = headmap_attention(q, k, v, bad, check_map=False)
+    want = headmap_attention(q, k, v, bad.clamp(0, 1))
+    assert torch.equal(got, want)
 
 
 @cuda

@@ -8,9 +8,13 @@ Triton kernel does the forward (online softmax, logsumexp kept for the backward)
 is two kernels without atomics, so its gradients are bitwise identical run to run:
 
 * dQ: one program per ``(sample, query head, query block)`` looping over key blocks;
-* dK/dV: one program per ``(sample, KV head, key block)`` looping over the query heads that
-  read this KV head, in ascending head order (a per-sample sort of the map, done on the
-  device, so the host never learns the map), and over query blocks.
+* dQ: it also writes ``delta = rowsum(dO * O)`` of its rows, which dK/dV reads;
+* dK/dV: one program per ``(sample, KV head, key block)`` that scans the map row and, for
+  each query head reading this KV head (ascending head order), loops over query blocks.
+  The host never learns the map.
+
+Launch settings are a fixed table per head dim (:data:`TUNED_TILES`), not run-time
+autotuning, whose timing-dependent choice would change the summation order between runs.
 
 The op is a ``torch.library`` Triton op with autograd, so ``torch.compile(fullgraph=True)``
 keeps it. On tensors Triton cannot run (CPU without the interpreter) the same op computes
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +34,8 @@ from torch import Tensor
 
 from kdgqa.errors import KdgqaError
 
-__all__ = ["headmap_attention", "headmap_attention_reference"]
+__all__ = ["TUNED_TILES", "HeadmapTiles", "Tiles", "default_tiles", "headmap_attention",
+           "headmap_attention_reference"]
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None and hasattr(torch.library, "triton_op")
 _LOG2E = 1.4426950408889634
@@ -119,10 +125,70 @@ def _use_kernels(q: Tensor) -> bool:
     return _HAS_TRITON and (q.is_cuda or (_interpreting() and q.device.type == "cpu"))
 
 
-def _default_blocks(head_dim: int) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)``: 64x64 tiles keep q, k, v and the fp32 accumulators of a
-    128-dim head inside an H100/H200 SM's registers with 4 warps. Untuned (next session)."""
-    return (64, 64) if head_dim <= 64 else (64, 32)
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel's launch: a tile of ``block_m`` query rows by ``block_n`` key rows, the
+    warps of one program and the software-pipeline depth of its loads."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def check(self, name: str) -> None:
+        for field, size, least in (("block_m", self.block_m, 16), ("block_n", self.block_n, 16),
+                                   ("num_warps", self.num_warps, 1)):
+            if size < least or size & (size - 1):
+                raise KdgqaError(f"headmap_attention: {name}.{field} must be a power of two "
+                                 f">= {least}; got {size}")
+        if self.num_stages < 1:
+            raise KdgqaError(f"headmap_attention: {name}.num_stages must be >= 1; got "
+                             f"{self.num_stages}")
+
+
+@dataclass(frozen=True)
+class HeadmapTiles:
+    """Launch settings of the three kernels: forward, dQ and dK/dV. Fixed per head dim (not
+    autotuned at run time), so the summation order, and with it every result bit, depends
+    only on the inputs and the head dim, never on a timing race."""
+
+    forward: Tiles
+    grad_q: Tiles
+    grad_kv: Tiles
+
+    @classmethod
+    def same(cls, block_m: int, block_n: int) -> HeadmapTiles:
+        """One tile shape for all three kernels, default warps and stages (tests)."""
+        tiles = Tiles(block_m, block_n)
+        return cls(tiles, tiles, tiles)
+
+    def flat(self) -> list[int]:
+        return [x for t in (self.forward, self.grad_q, self.grad_kv)
+                for x in (t.block_m, t.block_n, t.num_warps, t.num_stages)]
+
+    @classmethod
+    def from_flat(cls, values: list[int]) -> HeadmapTiles:
+        return cls(*(Tiles(*values[i:i + 4]) for i in (0, 4, 8)))
+
+    def check(self) -> None:
+        for name in ("forward", "grad_q", "grad_kv"):
+            getattr(self, name).check(name)
+
+
+#: Chosen on the H200 (bf16) by ``benchmarks/headmap_tune.py``; head dims up to 32, 64, 128.
+TUNED_TILES: dict[int, HeadmapTiles] = {
+    32: HeadmapTiles(Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)),
+    64: HeadmapTiles(Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)),
+    128: HeadmapTiles(Tiles(64, 32, 4, 2), Tiles(64, 32, 4, 2), Tiles(64, 32, 4, 2)),
+}
+
+
+def default_tiles(head_dim: int) -> HeadmapTiles:
+    """The tuned launch settings for the smallest tuned head dim ``>= head_dim``."""
+    for dim in sorted(TUNED_TILES):
+        if head_dim <= dim:
+            return TUNED_TILES[dim]
+    return TUNED_TILES[max(TUNED_TILES)]
 
 
 if _HAS_TRITON:
@@ -134,7 +200,7 @@ if _HAS_TRITON:
     def _fwd_kernel(
         q_ptr, k_ptr, v_ptr, map_ptr, o_ptr, lse_ptr,
         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-        map_b, heads, tokens, head_dim, qk_scale,
+        map_b, heads, kv_heads, tokens, head_dim, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
@@ -142,7 +208,9 @@ if _HAS_TRITON:
         bh = tl.program_id(1)
         b = bh // heads
         h = bh % heads
-        g = tl.load(map_ptr + b * map_b + h).to(tl.int64)
+        # Clamped: an entry outside [0, G) must never address another tensor's memory.
+        g = tl.minimum(tl.maximum(tl.load(map_ptr + b * map_b + h).to(tl.int64), 0),
+                       kv_heads - 1)
         b64 = b.to(tl.int64)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -179,37 +247,21 @@ if _HAS_TRITON:
                  (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
     @triton.jit
-    def _delta_kernel(
-        o_ptr, do_ptr, delta_ptr, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n,
-        heads, tokens, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # delta = rowsum(dO * O) in fp32, contiguous (B, H, N).
-        bh = tl.program_id(1)
-        b = (bh // heads).to(tl.int64)
-        h = bh % heads
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_m < tokens)[:, None] & (offs_d < head_dim)[None, :]
-        o = tl.load(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
-        tl.store(delta_ptr + bh.to(tl.int64) * tokens + offs_m, tl.sum(o * do, 1),
-                 mask=offs_m < tokens)
-
-    @triton.jit
     def _dq_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, map_ptr, lse_ptr, delta_ptr, dq_ptr,
-        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
-        sdq_b, sdq_h, sdq_n, map_b, heads, tokens, head_dim, qk_scale, sm_scale,
+        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, map_ptr, lse_ptr, delta_ptr, dq_ptr,
+        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+        sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, map_b, heads, kv_heads, tokens, head_dim,
+        qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # One program: (query block, sample * query head); loops over key blocks in order.
+        # It also writes delta = rowsum(dO * O) of its rows for the dK/dV kernel.
         bh = tl.program_id(1)
         b = bh // heads
         h = bh % heads
-        g = tl.load(map_ptr + b * map_b + h).to(tl.int64)
+        g = tl.minimum(tl.maximum(tl.load(map_ptr + b * map_b + h).to(tl.int64), 0),
+                       kv_heads - 1)
         b64 = b.to(tl.int64)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -221,9 +273,12 @@ if _HAS_TRITON:
                     mask=qmask, other=0.0)
         do = tl.load(do_ptr + b64 * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n
                      + offs_d[None, :], mask=qmask, other=0.0)
-        lse = tl.load(lse_ptr + bh.to(tl.int64) * tokens + offs_m, mask=m_ok,
-                      other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_ptr + bh.to(tl.int64) * tokens + offs_m, mask=m_ok, other=0.0)
+        o = tl.load(o_ptr + b64 * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
+                    mask=qmask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        row = bh.to(tl.int64) * tokens + offs_m
+        tl.store(delta_ptr + row, delta, mask=m_ok)
+        lse = tl.load(lse_ptr + row, mask=m_ok, other=0.0) * 1.4426950408889634
         k_base = k_ptr + b64 * sk_b + g * sk_h
         v_base = v_ptr + b64 * sv_b + g * sv_h
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -243,17 +298,17 @@ if _HAS_TRITON:
 
     @triton.jit
     def _dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, perm_ptr, offsets_ptr, lse_ptr, delta_ptr,
-        dk_ptr, dv_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, map_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
         sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
-        perm_b, offsets_b, heads, kv_heads, tokens, head_dim, qk_scale, sm_scale,
+        map_b, heads, kv_heads, tokens, head_dim, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # One program: (key block, sample * KV head). It alone writes these rows of dK and
-        # dV, summing over its query heads (ascending, from perm/offsets) and query blocks
-        # in a fixed order: no atomics, bitwise-reproducible gradients.
+        # dV, summing over the query heads that read this KV head (found by scanning the
+        # map row, so in ascending head order) and their query blocks, in a fixed order:
+        # no atomics, bitwise-reproducible gradients, and no sort of the map.
         bg = tl.program_id(1)
         b = bg // kv_heads
         g = bg % kv_heads
@@ -270,29 +325,29 @@ if _HAS_TRITON:
                      mask=kmask, other=0.0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        first = tl.load(offsets_ptr + b * offsets_b + g)
-        last = tl.load(offsets_ptr + b * offsets_b + g + 1)
-        for i in range(first, last):
-            h = tl.load(perm_ptr + b * perm_b + i).to(tl.int64)
-            q_base = q_ptr + b64 * sq_b + h * sq_h
-            do_base = do_ptr + b64 * sdo_b + h * sdo_h
-            row_base = (b64 * heads + h) * tokens
-            for start_m in range(0, tokens, BLOCK_M):
-                rows = start_m + offs_m
-                m_ok = rows < tokens
-                qmask_t = d_ok[:, None] & m_ok[None, :]
-                qt = tl.load(q_base + rows[None, :] * sq_n + offs_d[:, None], mask=qmask_t,
-                             other=0.0)
-                do_t = tl.load(do_base + rows[None, :] * sdo_n + offs_d[:, None], mask=qmask_t,
-                               other=0.0)
-                lse = tl.load(lse_ptr + row_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
-                delta = tl.load(delta_ptr + row_base + rows, mask=m_ok, other=0.0)
-                st = tl.dot(kb, qt, input_precision=PRECISION) * qk_scale
-                pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-                dv += tl.dot(pt.to(do_t.dtype), tl.trans(do_t), input_precision=PRECISION)
-                dpt = tl.dot(vb, do_t, input_precision=PRECISION)
-                dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+        for h in range(0, heads):
+            own = tl.minimum(tl.maximum(tl.load(map_ptr + b * map_b + h), 0), kv_heads - 1)
+            if own == g:
+                q_base = q_ptr + b64 * sq_b + h * sq_h
+                do_base = do_ptr + b64 * sdo_b + h * sdo_h
+                row_base = (b64 * heads + h) * tokens
+                for start_m in range(0, tokens, BLOCK_M):
+                    rows = start_m + offs_m
+                    m_ok = rows < tokens
+                    qmask_t = d_ok[:, None] & m_ok[None, :]
+                    qt = tl.load(q_base + rows[None, :] * sq_n + offs_d[:, None],
+                                 mask=qmask_t, other=0.0)
+                    do_t = tl.load(do_base + rows[None, :] * sdo_n + offs_d[:, None],
+                                   mask=qmask_t, other=0.0)
+                    lse = tl.load(lse_ptr + row_base + rows, mask=m_ok,
+                                  other=0.0) * 1.4426950408889634
+                    delta = tl.load(delta_ptr + row_base + rows, mask=m_ok, other=0.0)
+                    st = tl.dot(kb, qt, input_precision=PRECISION) * qk_scale
+                    pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+                    dv += tl.dot(pt.to(do_t.dtype), tl.trans(do_t), input_precision=PRECISION)
+                    dpt = tl.dot(vb, do_t, input_precision=PRECISION)
+                    dst = pt * (dpt - delta[None, :])
+                    dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
         tl.store(dk_ptr + b64 * sdk_b + g * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :],
                  (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kmask)
         tl.store(dv_ptr + b64 * sdv_b + g * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :],
@@ -303,10 +358,9 @@ if _HAS_TRITON:
         results close to the math reference; half inputs ignore it."""
         return "ieee" if dtype == torch.float32 else "tf32"
 
-    def _rows(head_map: Tensor) -> tuple[Tensor, int]:
-        """The map as int32 ``(1 or B, H)`` and its batch stride (0: shared by the batch)."""
-        rows = head_map.to(torch.int32).reshape(-1, head_map.shape[-1]).contiguous()
-        return rows, rows.stride(0) if rows.shape[0] > 1 else 0
+    def _map_stride(head_map: Tensor) -> int:
+        """Batch stride of the map: 0 for an ``(H,)`` map shared by the batch."""
+        return head_map.stride(0) if head_map.dim() == 2 else 0
 
     def _inner_contiguous(x: Tensor) -> Tensor:
         return x if x.stride(-1) == 1 else x.contiguous()
@@ -318,88 +372,105 @@ if _HAS_TRITON:
         batch, _, tokens, dim = like.shape
         return like.new_empty((batch, tokens, heads, dim)).transpose(1, 2)
 
+    def _block_d(dim: int) -> int:
+        return max(triton.next_power_of_2(dim), 16)
+
+    def launch_forward(
+        q: Tensor, k: Tensor, v: Tensor, head_map: Tensor, scale: float, tiles: Tiles
+    ) -> tuple[Tensor, Tensor]:
+        """The forward kernel alone: ``(out, lse)`` (``benchmarks/headmap_tune.py`` times it)."""
+        batch, heads, tokens, dim = q.shape
+        out = _token_major(q, heads)
+        lse = q.new_empty((batch, heads, tokens), dtype=torch.float32)
+        grid = (triton.cdiv(tokens, tiles.block_m), batch * heads)
+        wrap_triton(_fwd_kernel)[grid](
+            q, k, v, head_map, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            _map_stride(head_map), heads, k.shape[1], tokens, dim, scale * _LOG2E,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=_block_d(dim),
+            PRECISION=_precision(q.dtype), num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+        return out, lse
+
+    def launch_grad_q(
+        grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+        head_map: Tensor, scale: float, tiles: Tiles,
+    ) -> tuple[Tensor, Tensor]:
+        """The dQ kernel alone: ``(dq, delta)``."""
+        batch, heads, tokens, dim = q.shape
+        delta = lse.new_empty((batch, heads, tokens))
+        dq = _token_major(q, heads)
+        wrap_triton(_dq_kernel)[(triton.cdiv(tokens, tiles.block_m), batch * heads)](
+            q, k, v, out, grad, head_map, lse, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+            out.stride(2), grad.stride(0), grad.stride(1), grad.stride(2), dq.stride(0),
+            dq.stride(1), dq.stride(2), _map_stride(head_map), heads, k.shape[1], tokens, dim,
+            scale * _LOG2E, scale,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=_block_d(dim),
+            PRECISION=_precision(q.dtype), num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+        return dq, delta
+
+    def launch_grad_kv(
+        grad: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
+        head_map: Tensor, scale: float, tiles: Tiles,
+    ) -> tuple[Tensor, Tensor]:
+        """The dK/dV kernel alone: ``(dk, dv)``."""
+        batch, heads, tokens, dim = q.shape
+        kv_heads = k.shape[1]
+        dk, dv = _token_major(k, kv_heads), _token_major(v, kv_heads)
+        wrap_triton(_dkdv_kernel)[(triton.cdiv(tokens, tiles.block_n), batch * kv_heads)](
+            q, k, v, grad, head_map, lse, delta, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), grad.stride(0), grad.stride(1),
+            grad.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0),
+            dv.stride(1), dv.stride(2), _map_stride(head_map), heads, kv_heads, tokens, dim,
+            scale * _LOG2E, scale,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=_block_d(dim),
+            PRECISION=_precision(q.dtype), num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+        return dk, dv
+
     @triton_op("kdgqa::headmap_attention_fwd", mutates_args=())
     def _fwd_op(
-        q: Tensor, k: Tensor, v: Tensor, head_map: Tensor, scale: float,
-        block_m: int, block_n: int,
+        q: Tensor, k: Tensor, v: Tensor, head_map: Tensor, scale: float, tiles: list[int],
     ) -> tuple[Tensor, Tensor]:
         if not _use_kernels(q):
             return _reference_forward(q, k, v, head_map, scale)
-        batch, heads, tokens, dim = q.shape
         q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
-        out = _token_major(q, heads)
-        lse = q.new_empty((batch, heads, tokens), dtype=torch.float32)
-        rows, map_b = _rows(head_map)
-        grid = (triton.cdiv(tokens, block_m), batch * heads)
-        wrap_triton(_fwd_kernel)[grid](
-            q, k, v, rows, out, lse,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            map_b, heads, tokens, dim, scale * _LOG2E,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(triton.next_power_of_2(dim), 16),
-            PRECISION=_precision(q.dtype),
-        )
-        return out, lse
+        head_map = _inner_contiguous(head_map)
+        return launch_forward(q, k, v, head_map, scale, HeadmapTiles.from_flat(tiles).forward)
 
     @triton_op("kdgqa::headmap_attention_bwd", mutates_args=())
     def _bwd_op(
         grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        head_map: Tensor, scale: float, block_m: int, block_n: int,
+        head_map: Tensor, scale: float, tiles: list[int],
     ) -> tuple[Tensor, Tensor, Tensor]:
         if not _use_kernels(q):
             return _reference_backward(grad, q, k, v, out, lse, head_map, scale)
-        batch, heads, tokens, dim = q.shape
-        kv_heads = k.shape[1]
         q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
         grad, out = _inner_contiguous(grad), _inner_contiguous(out)
-        block_d = max(triton.next_power_of_2(dim), 16)
-        precision = _precision(q.dtype)
-        lse = lse.contiguous()
-        delta = lse.new_empty((batch, heads, tokens))
-        wrap_triton(_delta_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
-            out, grad, delta, out.stride(0), out.stride(1), out.stride(2),
-            grad.stride(0), grad.stride(1), grad.stride(2), heads, tokens, dim,
-            BLOCK_M=block_m, BLOCK_D=block_d,
-        )
-        rows, map_b = _rows(head_map)
-        dq = _token_major(q, heads)
-        wrap_triton(_dq_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
-            q, k, v, grad, rows, lse, delta, dq,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), grad.stride(0), grad.stride(1),
-            grad.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), map_b, heads, tokens, dim,
-            scale * _LOG2E, scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
-        )
-        # Query heads grouped by KV head, ascending within a group: the keys g * H + h are
-        # distinct, so the order is the same on every run whatever sort algorithm runs.
-        key = rows.long() * heads + torch.arange(heads, device=rows.device)
-        perm = key.argsort(dim=-1).to(torch.int32).contiguous()
-        counts = (rows[:, :, None] == torch.arange(kv_heads, device=rows.device)).sum(1)
-        offsets = F.pad(counts.cumsum(1), (1, 0)).to(torch.int32).contiguous()
-        dk, dv = _token_major(k, kv_heads), _token_major(v, kv_heads)
-        wrap_triton(_dkdv_kernel)[(triton.cdiv(tokens, block_n), batch * kv_heads)](
-            q, k, v, grad, perm, offsets, lse, delta, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), grad.stride(0), grad.stride(1),
-            grad.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0),
-            dv.stride(1), dv.stride(2), map_b, offsets.stride(0) if offsets.shape[0] > 1 else 0,
-            heads, kv_heads, tokens, dim, scale * _LOG2E, scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
-        )
+        head_map = _inner_contiguous(head_map)
+        chosen = HeadmapTiles.from_flat(tiles)
+        dq, delta = launch_grad_q(grad, q, k, v, out, lse, head_map, scale, chosen.grad_q)
+        dk, dv = launch_grad_kv(grad, q, k, v, lse, delta, head_map, scale, chosen.grad_kv)
         return dq, dk, dv
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, head_map, scale, block_m, block_n = inputs
+        q, k, v, head_map, scale, tiles = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, head_map)
-        ctx.scale, ctx.block_m, ctx.block_n = scale, block_m, block_n
+        ctx.scale, ctx.tiles = scale, tiles
 
     def _backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, head_map = ctx.saved_tensors
-        dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, head_map, ctx.scale,
-                             ctx.block_m, ctx.block_n)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, head_map, ctx.scale, ctx.tiles)
+        return dq, dk, dv, None, None, None
 
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
@@ -411,17 +482,19 @@ def headmap_attention(
     head_map: Tensor,
     scale: float | None = None,
     *,
-    block_m: int | None = None,
-    block_n: int | None = None,
+    tiles: HeadmapTiles | None = None,
+    check_map: bool = True,
 ) -> Tensor:
     """Softmax attention in which query head ``h`` reads KV head ``head_map[(b,) h]``.
 
     ``q`` is ``(B, H, N, D)``; ``k`` and ``v`` are ``(B, G, N, D)``; ``head_map`` is an integer
-    ``(H,)`` map shared by the batch or ``(B, H)`` per sample, entries in ``[0, G)`` (checked
-    on CUDA by a device-side assert, without a host sync). ``scale`` defaults to ``D ** -0.5``.
-    No mask, no dropout. On CUDA (or under ``TRITON_INTERPRET=1`` on CPU) it runs the Triton
-    kernels, elsewhere the same math in PyTorch; gradients are deterministic on both.
-    ``block_m`` and ``block_n`` override the tile sizes (powers of two, at least 16). Returns
+    ``(H,)`` map shared by the batch or ``(B, H)`` per sample, entries in ``[0, G)``. On CUDA
+    that is checked by a device-side assert (no host sync; ``check_map=False`` skips it for
+    maps built in range, as kdgqa's allocators build them: the kernels clamp entries anyway,
+    so a bad map can give wrong numbers but never reads foreign memory). ``scale`` defaults to
+    ``D ** -0.5``. No mask, no dropout. On CUDA (or under ``TRITON_INTERPRET=1`` on CPU) it
+    runs the Triton kernels, elsewhere the same math in PyTorch; gradients are deterministic
+    on both. ``tiles`` overrides the tuned launch settings (:data:`TUNED_TILES`). Returns
     ``(B, H, N, D)``; from the kernels it is a view of token-major ``(B, N, H, D)`` memory, the
     layout the caller's ``(B, N, H * D)`` reshape wants. fp32 inputs are multiplied in full
     fp32 (no tf32), half inputs on tensor cores, always accumulating in fp32.
@@ -429,17 +502,11 @@ def headmap_attention(
     if not _HAS_TRITON:  # no op to register: the reference (its CPU backward is ordered)
         return headmap_attention_reference(q, k, v, head_map, scale)
     _check(q, k, v, head_map)
-    default_m, default_n = _default_blocks(q.shape[-1])
-    block_m, block_n = block_m or default_m, block_n or default_n
-    for name, size in (("block_m", block_m), ("block_n", block_n)):
-        if size < 16 or size & (size - 1):
-            raise KdgqaError(f"headmap_attention: {name} must be a power of two >= 16; "
-                             f"got {size}")
+    chosen = default_tiles(q.shape[-1]) if tiles is None else tiles
+    chosen.check()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if q.device.type == "cuda":
-        # An entry outside [0, G) would make the kernels read foreign memory. A device-side
-        # assert checks the map without a host sync (it fails at the next synchronisation).
+    if check_map and q.device.type == "cuda":
         torch._assert_async(((head_map >= 0) & (head_map < k.shape[1])).all(),
                             "headmap_attention: head_map entries must be in [0, G)")
-    out, _ = _fwd_op(q, k, v, head_map, scale, block_m, block_n)
+    out, _ = _fwd_op(q, k, v, head_map, scale, chosen.flat())
     return out
