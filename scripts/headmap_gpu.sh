@@ -48,6 +48,13 @@ for stage in "$@"; do
         --expand-method auto headmap --out "$OUT/attention_headmap_h200.json" \
         >/dev/null 2>>"$LOG" &
       wait $p1 $! ;;
+    profile)  # kernel tables: where the module's time goes with each path
+      tiles=(); [ -f "$OUT/headmap_tune_h200.json" ] && tiles=(--tiles-from "$OUT/headmap_tune_h200.json")
+      for shape in vit_b vit_l; do
+        CUDA_VISIBLE_DEVICES=0 python benchmarks/profile_attention.py "${tiles[@]}" \
+          --schemes gqa kdgqa --expand-method auto headmap --shape $shape --rows 12 \
+          >>"$OUT/profile.txt" 2>>"$LOG"
+      done ;;
     *) echo "unknown stage $stage" >>"$LOG"; exit 2 ;;
   esac
 done

@@ -288,8 +288,22 @@ def test_cuda_unchecked_out_of_range_map_stays_inside_the_tensors():
 
 @cuda
 def test_cuda_out_of_range_map_fails_instead_of_reading_foreign_memory():
-    q, k, v, _, _ = _inputs(False, torch.bfloat16, "cuda", b=2, h=4, g=2, n=16, d=32)
-    bad = torch.tensor([0, 1, 2, 1], device="cuda")  # 2 is not a KV head of G = 2
-    with pytest.raises(RuntimeError):
-        headmap_attention(q, k, v, bad)
-        torch.cuda.synchronize()
+    # In a subprocess: a device-side assert leaves the CUDA context unusable for the rest of
+    # the process, so it would fail every later CUDA test of the session.
+    script = textwrap.dedent("""
+        import torch
+        from kdgqa.core.headmap_attention import headmap_attention
+        q = torch.randn(2, 4, 16, 32, device="cuda", dtype=torch.bfloat16)
+        k = v = torch.randn(2, 2, 16, 32, device="cuda", dtype=torch.bfloat16)
+        bad = torch.tensor([0, 1, 2, 1], device="cuda")  # 2 is not a KV head of G = 2
+        try:
+            headmap_attention(q, k, v, bad)
+            torch.cuda.synchronize()
+        except RuntimeError as exc:
+            print("raised:", str(exc).splitlines()[0])
+        else:
+            print("no error")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert "raised:" in done.stdout, done.stdout + done.stderr[-2000:]

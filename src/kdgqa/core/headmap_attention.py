@@ -229,7 +229,8 @@ if _HAS_TRITON:
             n_ok = cols < tokens
             kt = tl.load(k_base + cols[None, :] * sk_n + offs_d[:, None],
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            # .to(fp32): under inductor a float argument can arrive as fp64
+            s = (tl.dot(q, kt, input_precision=PRECISION) * qk_scale).to(tl.float32)
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -288,7 +289,7 @@ if _HAS_TRITON:
             kmask = n_ok[:, None] & d_ok[None, :]
             kb = tl.load(k_base + cols[:, None] * sk_n + offs_d[None, :], mask=kmask, other=0.0)
             vb = tl.load(v_base + cols[:, None] * sv_n + offs_d[None, :], mask=kmask, other=0.0)
-            s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * qk_scale
+            s = (tl.dot(q, tl.trans(kb), input_precision=PRECISION) * qk_scale).to(tl.float32)
             p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vb), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -342,7 +343,7 @@ if _HAS_TRITON:
                     lse = tl.load(lse_ptr + row_base + rows, mask=m_ok,
                                   other=0.0) * 1.4426950408889634
                     delta = tl.load(delta_ptr + row_base + rows, mask=m_ok, other=0.0)
-                    st = tl.dot(kb, qt, input_precision=PRECISION) * qk_scale
+                    st = (tl.dot(kb, qt, input_precision=PRECISION) * qk_scale).to(tl.float32)
                     pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
                     dv += tl.dot(pt.to(do_t.dtype), tl.trans(do_t), input_precision=PRECISION)
                     dpt = tl.dot(vb, do_t, input_precision=PRECISION)
