@@ -16,7 +16,9 @@ Attention-op level, bf16, forward and forward+backward, on CUDA. Variants per ma
 Maps: ``uniform`` (contiguous equal groups), ``uneven`` (one head moved from the last group
 to the first) and ``per_sample`` (a random ``(B, H)`` map). FLOPs are counted as FlashAttention
 does: forward ``4 B H N^2 D`` (two matmuls), backward 2.5x that (five matmuls, recompute
-included); MFU is against ``--peak-tflops`` (790 TFLOP/s bf16 dense by default). Each record
+included); MFU is against ``--peak-tflops`` (790 TFLOP/s bf16 dense by default). ``*_ms`` is
+one call then a wait (host launch cost included), ``*_queued_ms`` calls queued back to back
+(GPU time per call, a training loop's steady state). Each record
 also has the largest difference of its output from the ``expand`` output. Prints JSON.
 
     python benchmarks/headmap_attention.py --out benchmarks/results/headmap_attention_h200.json
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from attention import emit, time_ms, uneven_counts
+from attention import emit, queued_ms, time_ms, uneven_counts
 from kdgqa.core.headmap_attention import headmap_attention
 from kdgqa.core.ops import grouped_attention
 
@@ -185,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                         rec[f"{key}_ms"] = round(ms, 4)
                         rec[f"{key}_tflops"] = round(tflops, 2)
                         rec[f"{key}_mfu"] = round(tflops / args.peak_tflops, 4)
+                        queued = queued_ms(fn, args.iters, args.warmup)
+                        rec[f"{key}_queued_ms"] = round(queued, 4)
+                        rec[f"{key}_queued_tflops"] = round(
+                            attention_flops(b, h, n, d, backward) / (queued * 1e-3) / 1e12, 2)
                 except Exception as exc:  # one variant failing must not lose the others
                     rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 print(json.dumps(rec), file=sys.stderr, flush=True)

@@ -144,6 +144,14 @@ class Config:
     impl: str  # timm | kdgqa | official
     scheme: str
     compiled: bool
+    expand_method: str = "auto"
+
+
+def map_can_be_uneven(scheme: str) -> bool:
+    """Schemes whose head map is chosen from the keys or calibrated: the ones an expand
+    method (``GroupedQueryAttention.expand_method``) changes."""
+    return bool(kdgqa.GroupedQueryAttention(8, 2, 1, scheme).allocator.key_driven
+                or needs_calibration(scheme))
 
 
 def plan(args: argparse.Namespace) -> list[Config]:
@@ -156,7 +164,10 @@ def plan(args: argparse.Namespace) -> list[Config]:
                     if "timm" in args.baselines:
                         configs.append(Config(name, size, batch, "timm", "mha", compiled))
                     for scheme in args.schemes:
-                        configs.append(Config(name, size, batch, "kdgqa", scheme, compiled))
+                        methods = args.expand_methods if map_can_be_uneven(scheme) else ["auto"]
+                        for method in methods:
+                            configs.append(Config(name, size, batch, "kdgqa", scheme, compiled,
+                                                  method))
                     if "official" in args.baselines and not compiled:
                         for kind in args.official:
                             configs.append(Config(name, size, batch, "official", kind, False))
@@ -213,6 +224,9 @@ def build(cfg: Config, device: torch.device, kv_override: int | None,
             options["calibration"] = torch.randn(
                 calibration_images, 3, cfg.img_size, cfg.img_size, device=device, generator=gen)
         kdgqa.convert(model, cfg.scheme, kv, **options)
+        for module in model.modules():
+            if isinstance(module, kdgqa.GroupedQueryAttention):
+                module.expand_method = cfg.expand_method
     elif cfg.impl == "official":
         clock = replace_attention(model, cfg.scheme, kv)
     return Built(model.to(device), arch, kv, spec.timm_name, clock)
@@ -370,6 +384,7 @@ def run_config(cfg: Config, args: argparse.Namespace,
         "scheme": cfg.scheme,
         "impl": cfg.impl,
         "compiled": cfg.compiled,
+        **({"expand_method": cfg.expand_method} if cfg.expand_method != "auto" else {}),
     }
     settings: dict[str, Any] = {
         "dtype": str(dtype).removeprefix("torch."),
@@ -471,6 +486,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=None,
                         help="G for every model (default ViT-S 3, ViT-B 6, ViT-L 4)")
     parser.add_argument("--modes", type=_csv, default=["train", "infer"])
+    parser.add_argument("--expand-methods", type=_csv, default=["auto"],
+                        help="comma list: one kdgqa row per method for schemes whose map can "
+                             "be uneven (e.g. auto,gather: the head-map kernel beside the "
+                             "expansion)")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
                         help="torch.compile(model) rows (official rows are always eager)")
     parser.add_argument("--baselines", type=_csv, default=["timm", "official"],
@@ -534,7 +553,8 @@ def _save(rows: list[dict[str, Any]], out: Path | None) -> None:
 
 def _progress(row: dict[str, Any]) -> str:
     what = (f"{row['model']} {row['img_size']}px b{row['batch']} {row['mode']:<5} "
-            f"{'compiled' if row['compiled'] else 'eager':<8} {row['impl']:<8} {row['scheme']:<9}")
+            f"{'compiled' if row['compiled'] else 'eager':<8} {row['impl']:<8} {row['scheme']:<9}"
+            f"{' ' + row['expand_method'] if 'expand_method' in row else ''}")
     if "error" in row:
         return f"{what} ERROR {row['error']}"
     extra = f" compile {row['compile_s']:.0f}s" if "compile_s" in row else ""

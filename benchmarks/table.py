@@ -214,9 +214,14 @@ def model_tables(rows: list[Row], full: bool = False) -> str:
 
 
 def load(paths: list[Path]) -> list[Row]:
+    """Rows of result files; a whole-model row run with another expand method than the
+    default shows it beside its scheme, e.g. ``kdgqa (gather)``."""
     rows: list[Row] = []
     for path in paths:
         rows.extend(json.loads(path.read_text()))
+    for r in rows:
+        if "impl" in r and r.get("expand_method", "auto") != "auto":
+            r["scheme"] = f"{r['scheme']} ({r['expand_method']})"
     return rows
 
 

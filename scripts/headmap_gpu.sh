@@ -55,6 +55,21 @@ for stage in "$@"; do
           --schemes gqa kdgqa --expand-method auto headmap --shape $shape --rows 12 \
           >>"$OUT/profile.txt" 2>>"$LOG"
       done ;;
+    model)  # whole ViT-B/16 224 px, batch 256: eager on GPU 0, compiled split over both
+      m=(python benchmarks/model.py --models vit_b --batch 256 --baselines timm --modes train,infer)
+      ( CUDA_VISIBLE_DEVICES=0 "${m[@]}" --compile off --expand-methods auto,gather \
+          --schemes gqa,kdgqa,kdgqa-ps,dgqa-ema,dgqa-diff,calibrated \
+          --out "$OUT/model_vit_b_224_headmap_eager_h200.json" >/dev/null 2>>"$LOG"
+        CUDA_VISIBLE_DEVICES=0 "${m[@]}" --compile on --expand-methods auto,gather \
+          --schemes gqa,kdgqa --out "$OUT/model_vit_b_224_headmap_compiled_h200.json" \
+          >/dev/null 2>>"$LOG" ) &
+      p1=$!
+      CUDA_VISIBLE_DEVICES=$second "${m[@]}" --compile on \
+        --schemes kdgqa-ps,dgqa-ema,dgqa-diff,calibrated \
+        --out "$OUT/model_vit_b_224_headmap_compiled_b_h200.json" >/dev/null 2>>"$LOG"
+      CUDA_VISIBLE_DEVICES=$second python benchmarks/launch_cost.py \
+        >"$OUT/launch_cost_h200.json" 2>>"$LOG"
+      wait $p1 ;;
     *) echo "unknown stage $stage" >>"$LOG"; exit 2 ;;
   esac
 done

@@ -175,11 +175,12 @@ class HeadmapTiles:
             getattr(self, name).check(name)
 
 
-#: Chosen on the H200 (bf16) by ``benchmarks/headmap_tune.py``; head dims up to 32, 64, 128.
+#: Chosen on the H200 (bf16, triton 3.6) by ``benchmarks/headmap_tune.py``
+#: (``benchmarks/results/headmap_tune_h200.json``), per head dim up to 32, 64 and 128.
 TUNED_TILES: dict[int, HeadmapTiles] = {
-    32: HeadmapTiles(Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)),
-    64: HeadmapTiles(Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)),
-    128: HeadmapTiles(Tiles(64, 32, 4, 2), Tiles(64, 32, 4, 2), Tiles(64, 32, 4, 2)),
+    32: HeadmapTiles(Tiles(128, 32, 4, 3), Tiles(128, 32, 4, 3), Tiles(32, 64, 4, 1)),
+    64: HeadmapTiles(Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3), Tiles(32, 128, 4, 3)),
+    128: HeadmapTiles(Tiles(64, 32, 4, 3), Tiles(64, 32, 4, 4), Tiles(32, 64, 4, 3)),
 }
 
 
@@ -205,6 +206,9 @@ if _HAS_TRITON:
         PRECISION: tl.constexpr,
     ):
         # One program: (query block, sample * query head). qk_scale includes log2(e).
+        # Scalars are cast once: inductor passes Python floats as fp64, eager as fp32, and
+        # both must give the same bits.
+        qk_scale = tl.cast(qk_scale, tl.float32)
         bh = tl.program_id(1)
         b = bh // heads
         h = bh % heads
@@ -229,8 +233,7 @@ if _HAS_TRITON:
             n_ok = cols < tokens
             kt = tl.load(k_base + cols[None, :] * sk_n + offs_d[:, None],
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            # .to(fp32): under inductor a float argument can arrive as fp64
-            s = (tl.dot(q, kt, input_precision=PRECISION) * qk_scale).to(tl.float32)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -258,6 +261,8 @@ if _HAS_TRITON:
     ):
         # One program: (query block, sample * query head); loops over key blocks in order.
         # It also writes delta = rowsum(dO * O) of its rows for the dK/dV kernel.
+        qk_scale = tl.cast(qk_scale, tl.float32)
+        sm_scale = tl.cast(sm_scale, tl.float32)
         bh = tl.program_id(1)
         b = bh // heads
         h = bh % heads
@@ -289,7 +294,7 @@ if _HAS_TRITON:
             kmask = n_ok[:, None] & d_ok[None, :]
             kb = tl.load(k_base + cols[:, None] * sk_n + offs_d[None, :], mask=kmask, other=0.0)
             vb = tl.load(v_base + cols[:, None] * sv_n + offs_d[None, :], mask=kmask, other=0.0)
-            s = (tl.dot(q, tl.trans(kb), input_precision=PRECISION) * qk_scale).to(tl.float32)
+            s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * qk_scale
             p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vb), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -310,6 +315,8 @@ if _HAS_TRITON:
         # dV, summing over the query heads that read this KV head (found by scanning the
         # map row, so in ascending head order) and their query blocks, in a fixed order:
         # no atomics, bitwise-reproducible gradients, and no sort of the map.
+        qk_scale = tl.cast(qk_scale, tl.float32)
+        sm_scale = tl.cast(sm_scale, tl.float32)
         bg = tl.program_id(1)
         b = bg // kv_heads
         g = bg % kv_heads
@@ -343,7 +350,7 @@ if _HAS_TRITON:
                     lse = tl.load(lse_ptr + row_base + rows, mask=m_ok,
                                   other=0.0) * 1.4426950408889634
                     delta = tl.load(delta_ptr + row_base + rows, mask=m_ok, other=0.0)
-                    st = (tl.dot(kb, qt, input_precision=PRECISION) * qk_scale).to(tl.float32)
+                    st = tl.dot(kb, qt, input_precision=PRECISION) * qk_scale
                     pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
                     dv += tl.dot(pt.to(do_t.dtype), tl.trans(do_t), input_precision=PRECISION)
                     dpt = tl.dot(vb, do_t, input_precision=PRECISION)

@@ -1,15 +1,14 @@
 """One fused attention call for any query-head -> KV-head map.
 
 Uniform contiguous groups go through ``scaled_dot_product_attention(..., enable_gqa=True)``
-where that stays on a fused kernel (CUDA flash/cuDNN, half precision, no explicit mask);
-everywhere else K and V are first expanded to one head per query head with a single gather
-by ``kv_index`` and handed to SDPA as plain multi-head attention. Neither path loops over
-groups or asks the host what the allocation is, so no GPU->CPU synchronisation happens.
-
-Opt-in (``expand_method="headmap"``), an uneven or per-sample map on CUDA without mask,
-dropout or causality is served by :func:`kdgqa.core.headmap_attention.headmap_attention`,
-one fused kernel that reads each query head's KV head from the map: no expansion, and a
-backward without atomics. Elsewhere that option falls back to ``auto``.
+where that stays on a fused kernel (CUDA flash/cuDNN, half precision, no explicit mask).
+An uneven or per-sample map on CUDA in half precision, without mask, dropout or causality
+and with head dim <= 128, runs :func:`kdgqa.core.headmap_attention.headmap_attention`: one
+fused kernel that reads each query head's KV head from the map, with no expansion and an
+atomic-free, bitwise-reproducible backward. Everywhere else (CPU, fp32, masks, dropout) K
+and V are first expanded to one head per query head with a single gather by ``kv_index``
+and handed to SDPA as plain multi-head attention. No path loops over groups or asks the
+host what the allocation is, so no GPU->CPU synchronisation happens.
 
 A *static* uneven allocation (contiguous groups whose sizes the host already knows, e.g.
 ``calibrated``) has a third path: one native-GQA call per distinct group size, each on the
@@ -125,8 +124,9 @@ def grouped_attention(
     ``static_counts`` promises that ``kv_index`` is the contiguous map of these group sizes
     and never changes: where native GQA is fused (or ``expand_method="split"``), attention
     then runs as one native-GQA call per run of equal group sizes instead of expanding K/V.
-    ``expand_method="headmap"`` runs the head-map kernel instead of expanding where it
-    applies (CUDA, no mask, no dropout, not causal; see the module docstring).
+    ``"auto"`` picks the head-map kernel where it serves (see the module docstring);
+    ``"headmap"`` asks for it also in fp32 and for any head dim (CUDA, no mask, no dropout,
+    not causal), ``"gather"`` and the other :func:`expand_kv` methods for the expansion.
     Returns ``(B, H, N, D)``.
     """
     num_heads, num_kv_heads = q.shape[1], kv.shape[2] // 2
@@ -144,12 +144,15 @@ def grouped_attention(
         expand_method == "split" or (expand_method == "auto" and native_gqa_is_fused(q, attn_mask))
     ):
         return _split_attention(q, kv, static_counts, attn_mask, dropout_p, is_causal)
-    if expand_method == "headmap":
-        if q.is_cuda and attn_mask is None and dropout_p == 0.0 and not is_causal:
-            k, v = kv.transpose(1, 2).chunk(2, dim=1)
-            # The allocators build maps in range; the kernels clamp regardless (memory-safe).
-            return headmap_attention(q, k, v, kv_index, check_map=False)
-        expand_method = "auto"  # the kernel has no mask/dropout/causal and no CPU build
+    plain = q.is_cuda and attn_mask is None and dropout_p == 0.0 and not is_causal
+    if (expand_method == "headmap" and plain) or (
+        expand_method == "auto" and plain and q.dtype in _HALF_DTYPES and q.shape[-1] <= 128
+    ):
+        k, v = kv.transpose(1, 2).chunk(2, dim=1)
+        # The allocators build maps in range; the kernels clamp regardless (memory-safe).
+        return headmap_attention(q, k, v, kv_index, check_map=False)
+    if expand_method == "headmap":  # the kernel has no mask/dropout/causal and no CPU build
+        expand_method = "auto"
     if expand_method == "split":  # nothing static to split by: expand as usual
         expand_method = "auto"
     k, v = expand_kv(kv, kv_index, expand_method).transpose(1, 2).chunk(2, dim=1)
