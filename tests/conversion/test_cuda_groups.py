@@ -23,7 +23,9 @@ def _calibrated(dim: int = 768) -> GroupedQueryAttention:
     return module
 
 
-def test_split_path_is_taken_in_bf16_and_equals_the_expanded_path(monkeypatch):
+@pytest.mark.parametrize(("method", "sdpa_calls"), [("split", [True, True, False]),
+                                                   ("auto", [])])  # auto: head-map kernel
+def test_split_and_headmap_paths_equal_the_expanded_path(monkeypatch, method, sdpa_calls):
     module = _calibrated().cuda().bfloat16().train()
     x = torch.randn(4, 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
@@ -34,9 +36,9 @@ def test_split_path_is_taken_in_bf16_and_equals_the_expanded_path(monkeypatch):
     calls = []
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda *a, **k: calls.append(k["enable_gqa"]) or sdpa(*a, **k))
-    module.expand_method = "auto"
+    module.expand_method = method
     split = module(x)
-    assert calls == [True, True, False]
+    assert calls == sdpa_calls
     grads = torch.autograd.grad(split, [x, *module.parameters()], grad)
     for got, want in zip([split, *grads], [expanded, *expected], strict=True):
         error = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-6)

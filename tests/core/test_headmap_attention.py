@@ -265,6 +265,28 @@ def test_cuda_inductor_compiles_the_kernels():
 
 
 @cuda
+def test_cuda_eager_launch_path_equals_the_custom_op_bitwise():
+    # Eager mode launches the kernels directly; torch.compile traces the custom op. Same
+    # kernels and tiles: the same bits, forward and backward.
+    q, k, v, m, grad = _inputs(True, torch.bfloat16, "cuda", b=4, h=12, g=5, n=197, d=64)
+    eager = headmap_attention(q, k, v, m)
+    op_out, _ = torch.ops.kdgqa.headmap_attention_fwd(q, k, v, m, 64 ** -0.5,
+                                                      default_tiles(64).flat())
+    assert torch.equal(eager, op_out)
+    for x, y in zip(torch.autograd.grad(eager, (q, k, v), grad),
+                    torch.autograd.grad(op_out, (q, k, v), grad), strict=True):
+        assert torch.equal(x, y)
+
+
+@cuda
+def test_cuda_inference_mode_runs_the_kernels():
+    q, k, v, m, _ = _inputs(False, torch.float16, "cuda", b=2, h=12, g=5, n=197, d=64)
+    with torch.inference_mode():
+        out = headmap_attention(q, k, v, m)
+    assert torch.equal(out, headmap_attention(q, k, v, m).detach())
+
+
+@cuda
 def test_cuda_headmap_training_step_never_synchronises():
     import kdgqa
     from conftest import assert_training_steps_never_synchronise

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -383,15 +384,21 @@ if _HAS_TRITON:
     def _block_d(dim: int) -> int:
         return max(triton.next_power_of_2(dim), 16)
 
+    def _kernel(kernel: Any, direct: bool) -> Any:
+        """The kernel itself in eager mode (``direct``), or wrapped for ``torch.compile``'s
+        tracing inside the ``triton_op``."""
+        return kernel if direct else wrap_triton(kernel)
+
     def launch_forward(
-        q: Tensor, k: Tensor, v: Tensor, head_map: Tensor, scale: float, tiles: Tiles
+        q: Tensor, k: Tensor, v: Tensor, head_map: Tensor, scale: float, tiles: Tiles,
+        direct: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """The forward kernel alone: ``(out, lse)`` (``benchmarks/headmap_tune.py`` times it)."""
         batch, heads, tokens, dim = q.shape
         out = _token_major(q, heads)
         lse = q.new_empty((batch, heads, tokens), dtype=torch.float32)
         grid = (triton.cdiv(tokens, tiles.block_m), batch * heads)
-        wrap_triton(_fwd_kernel)[grid](
+        _kernel(_fwd_kernel, direct)[grid](
             q, k, v, head_map, out, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -404,13 +411,13 @@ if _HAS_TRITON:
 
     def launch_grad_q(
         grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        head_map: Tensor, scale: float, tiles: Tiles,
+        head_map: Tensor, scale: float, tiles: Tiles, direct: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """The dQ kernel alone: ``(dq, delta)``."""
         batch, heads, tokens, dim = q.shape
         delta = lse.new_empty((batch, heads, tokens))
         dq = _token_major(q, heads)
-        wrap_triton(_dq_kernel)[(triton.cdiv(tokens, tiles.block_m), batch * heads)](
+        _kernel(_dq_kernel, direct)[(triton.cdiv(tokens, tiles.block_m), batch * heads)](
             q, k, v, out, grad, head_map, lse, delta, dq,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
@@ -425,13 +432,13 @@ if _HAS_TRITON:
 
     def launch_grad_kv(
         grad: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
-        head_map: Tensor, scale: float, tiles: Tiles,
+        head_map: Tensor, scale: float, tiles: Tiles, direct: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """The dK/dV kernel alone: ``(dk, dv)``."""
         batch, heads, tokens, dim = q.shape
         kv_heads = k.shape[1]
         dk, dv = _token_major(k, kv_heads), _token_major(v, kv_heads)
-        wrap_triton(_dkdv_kernel)[(triton.cdiv(tokens, tiles.block_n), batch * kv_heads)](
+        _kernel(_dkdv_kernel, direct)[(triton.cdiv(tokens, tiles.block_n), batch * kv_heads)](
             q, k, v, grad, head_map, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), grad.stride(0), grad.stride(1),
@@ -482,6 +489,34 @@ if _HAS_TRITON:
 
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
+    class _EagerHeadmap(torch.autograd.Function):
+        """The same kernels, launched directly: outside ``torch.compile`` the custom op's
+        dispatch costs host time comparable to the kernels' GPU time at ViT sizes, which
+        leaves the GPU idle in eager mode. Same kernels and tiles, so the same bits."""
+
+        @staticmethod
+        def forward(
+            ctx: Any, q: Tensor, k: Tensor, v: Tensor, head_map: Tensor, scale: float,
+            tiles: HeadmapTiles,
+        ) -> Tensor:
+            q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
+            head_map = _inner_contiguous(head_map)
+            out, lse = launch_forward(q, k, v, head_map, scale, tiles.forward, direct=True)
+            ctx.save_for_backward(q, k, v, out, lse, head_map)
+            ctx.scale, ctx.tiles = scale, tiles
+            return out
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+            q, k, v, out, lse, head_map = ctx.saved_tensors
+            grad = _inner_contiguous(grad)
+            dq, delta = launch_grad_q(grad, q, k, v, out, lse, head_map, ctx.scale,
+                                      ctx.tiles.grad_q, direct=True)
+            dk, dv = launch_grad_kv(grad, q, k, v, lse, delta, head_map, ctx.scale,
+                                    ctx.tiles.grad_kv, direct=True)
+            return dq, dk, dv, None, None, None
+
 
 def headmap_attention(
     q: Tensor,
@@ -510,11 +545,17 @@ def headmap_attention(
     if not _HAS_TRITON:  # no op to register: the reference (its CPU backward is ordered)
         return headmap_attention_reference(q, k, v, head_map, scale)
     _check(q, k, v, head_map)
-    chosen = default_tiles(q.shape[-1]) if tiles is None else tiles
-    chosen.check()
+    if tiles is None:
+        chosen = default_tiles(q.shape[-1])  # checked by the tests
+    else:
+        tiles.check()
+        chosen = tiles
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if check_map and q.device.type == "cuda":
         torch._assert_async(((head_map >= 0) & (head_map < k.shape[1])).all(),
                             "headmap_attention: head_map entries must be in [0, G)")
+    if q.is_cuda and not torch.compiler.is_compiling():
+        out: Tensor = _EagerHeadmap.apply(q, k, v, head_map, scale, chosen)
+        return out
     out, _ = _fwd_op(q, k, v, head_map, scale, chosen.flat())
     return out

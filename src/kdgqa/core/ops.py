@@ -11,9 +11,11 @@ and handed to SDPA as plain multi-head attention. No path loops over groups or a
 host what the allocation is, so no GPU->CPU synchronisation happens.
 
 A *static* uneven allocation (contiguous groups whose sizes the host already knows, e.g.
-``calibrated``) has a third path: one native-GQA call per distinct group size, each on the
-slice of query heads and KV heads whose groups have that size. The number of calls is fixed
-by the model, not by the data, so it needs no sync and traces under ``torch.compile``.
+``calibrated``) has a third path, taken where the head-map kernel does not serve (dropout,
+masks) or on request (``expand_method="split"``): one native-GQA call per distinct group
+size, each on the slice of query heads and KV heads whose groups have that size. The number
+of calls is fixed by the model, not by the data, so it needs no sync and traces under
+``torch.compile``.
 """
 
 from __future__ import annotations
@@ -140,10 +142,6 @@ def grouped_attention(
     if uniform and (num_kv_heads == num_heads or native_gqa_is_fused(q, attn_mask)):
         k, v = kv.transpose(1, 2).chunk(2, dim=1)
         return sdpa(k, v, enable_gqa=num_kv_heads != num_heads)
-    if static_counts is not None and (
-        expand_method == "split" or (expand_method == "auto" and native_gqa_is_fused(q, attn_mask))
-    ):
-        return _split_attention(q, kv, static_counts, attn_mask, dropout_p, is_causal)
     plain = q.is_cuda and attn_mask is None and dropout_p == 0.0 and not is_causal
     if (expand_method == "headmap" and plain) or (
         expand_method == "auto" and plain and q.dtype in _HALF_DTYPES and q.shape[-1] <= 128
@@ -151,9 +149,11 @@ def grouped_attention(
         k, v = kv.transpose(1, 2).chunk(2, dim=1)
         # The allocators build maps in range; the kernels clamp regardless (memory-safe).
         return headmap_attention(q, k, v, kv_index, check_map=False)
-    if expand_method == "headmap":  # the kernel has no mask/dropout/causal and no CPU build
-        expand_method = "auto"
-    if expand_method == "split":  # nothing static to split by: expand as usual
+    if static_counts is not None and (
+        expand_method == "split" or (expand_method == "auto" and native_gqa_is_fused(q, attn_mask))
+    ):
+        return _split_attention(q, kv, static_counts, attn_mask, dropout_p, is_causal)
+    if expand_method in ("headmap", "split"):  # not applicable here: expand as usual
         expand_method = "auto"
     k, v = expand_kv(kv, kv_index, expand_method).transpose(1, 2).chunk(2, dim=1)
     return sdpa(k, v)
