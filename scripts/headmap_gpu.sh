@@ -90,6 +90,19 @@ for stage in "$@"; do
       CUDA_VISIBLE_DEVICES=$second "${m[@]}" --compile on --schemes calibrated \
         --out "$OUT/model_vit_b_224_headmap_compiled_c_h200.json" >/dev/null 2>>"$LOG"
       wait $p1 ;;
+    final1)  # the same on one GPU, in order of need (the op benchmark left out)
+      CUDA_VISIBLE_DEVICES=0 python -m pytest -q -p no:cacheprovider -rs -k "cuda or headmap" \
+        tests/core/test_headmap_attention.py tests/core/test_ops.py \
+        tests/conversion/test_cuda_groups.py >"$OUT/tests.log" 2>&1
+      echo "tests rc=$?" >>"$LOG"
+      python benchmarks/launch_cost.py >"$OUT/launch_cost_h200.json" 2>>"$LOG"
+      python benchmarks/attention.py --schemes gqa mha kdgqa kdgqa-ps dgqa-ema dgqa-diff \
+        calibrated --expand-method auto gather split \
+        --out "$OUT/attention_headmap_h200.json" >/dev/null 2>>"$LOG"
+      python benchmarks/model.py --models vit_b --batch 256 --baselines timm \
+        --modes train,infer --compile off \
+        --schemes gqa,kdgqa,kdgqa-ps,dgqa-ema,dgqa-diff,calibrated \
+        --out "$OUT/model_vit_b_224_headmap_eager_h200.json" >/dev/null 2>>"$LOG" ;;
     *) echo "unknown stage $stage" >>"$LOG"; exit 2 ;;
   esac
 done
