@@ -3,8 +3,9 @@
 Attention-op level, bf16, forward and forward+backward, on CUDA. Variants per map:
 
 * ``sdpa_enable_gqa``: SDPA's native GQA (uniform map only: the lower bound to beat);
-* ``expand``: today's path, ``kdgqa.core.ops.grouped_attention`` (gather K/V to one head
-  per query head, then SDPA as MHA; ``--expand-method onehot`` for the deterministic one);
+* ``expand``: the expansion path, ``kdgqa.core.ops.grouped_attention`` with
+  ``expand_method="gather"`` (gather K/V to one head per query head, then SDPA as MHA;
+  ``--expand-method onehot`` for the deterministic one; ``auto`` would run the kernel);
 * ``flex_remap``: FlexAttention with the G KV heads stacked along the key axis as one
   shared head (``(B, 1, G * N, D)``) and a ``mask_mod`` letting query head ``h`` see only
   the keys of KV head ``map[(b,) h]``; the block mask skips the other heads' key blocks.
@@ -60,7 +61,7 @@ def head_maps(batch: int, heads: int, kv_heads: int, device: str) -> dict[str, T
 
 def build_calls(
     qkv: Tensor, heads: int, kv_heads: int, head_map: Tensor, map_name: str,
-    expand_method: str = "auto", compile_flex: bool = True,
+    expand_method: str = "gather", compile_flex: bool = True,
 ) -> dict[str, Callable[[], Tensor]]:
     """One zero-argument callable per variant that applies to ``map_name``, each reading
     q/k/v from the token-major fused projection ``qkv`` ``(B, N, H + 2G, D)``."""
@@ -124,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--maps", nargs="+", default=list(MAPS), choices=list(MAPS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--expand-method", default="auto",
-                        help="kdgqa.core.ops.expand_kv method for the 'expand' variant")
+    parser.add_argument("--expand-method", default="gather",
+                        help="kdgqa.core.ops.expand_kv method for the 'expand' variant "
+                             "(default gather; auto picks the head-map kernel on CUDA)")
     parser.add_argument("--peak-tflops", type=float, default=790.0,
                         help="dense bf16 peak for MFU (default 790)")
     parser.add_argument("--tiles-from", type=Path, metavar="JSON",
