@@ -34,6 +34,7 @@ from torch import Tensor, nn
 import kdgqa
 from kdgqa.core.apportion import even_counts
 from kdgqa.core.perturb import PERTURB_METHODS
+from tiles_file import use_tiles_from
 
 SHAPES: dict[str, dict[str, int]] = {
     "vit_b": {"batch": 256, "tokens": 197, "heads": 12, "kv_heads": 6, "head_dim": 64},
@@ -260,11 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, help="also write the JSON list here")
     args = parser.parse_args(argv)
-    if args.tiles_from:
-        from headmap_tune import chosen_tiles
-        from kdgqa.core.headmap_attention import TUNED_TILES
-
-        TUNED_TILES.update(chosen_tiles(args.tiles_from))
+    use_tiles_from(args.tiles_from)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/attention.py: error: needs a CUDA device (or --device cpu)",
               file=sys.stderr)

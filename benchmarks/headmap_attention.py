@@ -39,6 +39,7 @@ from torch import Tensor
 from attention import emit, queued_ms, time_ms, uneven_counts
 from kdgqa.core.headmap_attention import headmap_attention
 from kdgqa.core.ops import grouped_attention
+from tiles_file import use_tiles_from
 
 SHAPES: dict[str, dict[str, int]] = {
     "vit_b": {"batch": 256, "tokens": 197, "heads": 12, "kv_heads": 6, "head_dim": 64},
@@ -137,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    if args.tiles_from:
-        from headmap_tune import chosen_tiles
-        from kdgqa.core.headmap_attention import TUNED_TILES
-
-        TUNED_TILES.update(chosen_tiles(args.tiles_from))
+    use_tiles_from(args.tiles_from)
     if not torch.cuda.is_available():
         print("benchmarks/headmap_attention.py: error: needs a CUDA device (none is visible); "
               "the kernel's correctness is tested on CPU by tests/core/test_headmap_attention.py",

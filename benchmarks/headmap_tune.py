@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch._library.triton import set_wrap_triton_enabled
 
-from attention import uneven_counts
+from attention import queued_ms, uneven_counts
 from kdgqa.core import headmap_attention as hm
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -62,10 +61,9 @@ def inputs(shape: dict[str, int]) -> dict[str, Tensor]:
     grad = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     tiles = hm.default_tiles(d)
     grad = grad.transpose(1, 2).contiguous().transpose(1, 2)  # token-major, as autograd's
-    with set_wrap_triton_enabled(False):
-        out, lse = hm.launch_forward(q, k, v, head_map, d ** -0.5, tiles.forward)
-        _, delta = hm.launch_grad_q(grad, q, k, v, out, lse, head_map, d ** -0.5,
-                                    tiles.grad_q)
+    out, lse = hm.launch_forward(q, k, v, head_map, d ** -0.5, tiles.forward, direct=True)
+    _, delta = hm.launch_grad_q(grad, q, k, v, out, lse, head_map, d ** -0.5, tiles.grad_q,
+                                direct=True)
     return {"q": q, "k": k, "v": v, "map": head_map, "grad": grad, "out": out, "lse": lse,
             "delta": delta}
 
@@ -73,33 +71,19 @@ def inputs(shape: dict[str, int]) -> dict[str, Tensor]:
 def call(kernel: str, x: dict[str, Tensor], tiles: hm.Tiles) -> Callable[[], object]:
     scale = x["q"].shape[-1] ** -0.5
     if kernel == "forward":
-        return lambda: hm.launch_forward(x["q"], x["k"], x["v"], x["map"], scale, tiles)
+        return lambda: hm.launch_forward(x["q"], x["k"], x["v"], x["map"], scale, tiles,
+                                         direct=True)
     if kernel == "grad_q":
         return lambda: hm.launch_grad_q(x["grad"], x["q"], x["k"], x["v"], x["out"], x["lse"],
-                                        x["map"], scale, tiles)
+                                        x["map"], scale, tiles, direct=True)
     return lambda: hm.launch_grad_kv(x["grad"], x["q"], x["k"], x["v"], x["lse"], x["delta"],
-                                     x["map"], scale, tiles)
+                                     x["map"], scale, tiles, direct=True)
 
 
 def back_to_back_ms(fn: Callable[[], object], iters: int, repeats: int = 3) -> float:
-    """GPU time per call of ``iters`` calls queued back to back between two events (so the
-    host's launch cost overlaps the previous kernel, as in a training step), best of
-    ``repeats``. Outside a ``triton_op`` the launchers would go through the tracing
-    dispatch (~1 ms a call); the op itself runs them directly, as here."""
-    best = float("inf")
-    with set_wrap_triton_enabled(False):
-        fn()
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / iters)
-    return best
+    """Best of ``repeats`` :func:`attention.queued_ms` measurements (launches queued back to
+    back, so the host's launch cost overlaps the previous kernel, as in a training step)."""
+    return min(queued_ms(fn, iters, warmup=1) for _ in range(repeats))
 
 
 def flops(kernel: str, shape: dict[str, int]) -> float:
@@ -133,8 +117,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         try:
             fn = call(kernel, cache[name], tiles)
             if args.phase == "compile":
-                with set_wrap_triton_enabled(False):
-                    fn()
+                fn()
                 torch.cuda.synchronize()
                 continue
             ms = back_to_back_ms(fn, args.iters)
@@ -174,14 +157,6 @@ def choose(records: list[dict[str, object]]) -> dict[str, dict[str, object]]:
             "tiles": list(tiles), "slowdown_vs_best_per_shape": [round(x, 3) for x in rs],
             "shapes": sorted(shapes)}
     return chosen
-
-
-def chosen_tiles(path: Path) -> dict[int, hm.HeadmapTiles]:
-    """The settings a merged tuning file chose, per head dim (for ``--tiles-from`` in the
-    benchmarks, which try them before they are written into ``TUNED_TILES``)."""
-    chosen = json.loads(path.read_text())["chosen"]
-    return {int(dim): hm.HeadmapTiles(*(hm.Tiles(*per[k]["tiles"]) for k in KERNELS))
-            for dim, per in chosen.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from attention import SHAPES, build
+from tiles_file import use_tiles_from
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles-from", type=Path, metavar="JSON",
                         help="head-map kernel settings chosen by headmap_tune.py --merge")
     args = parser.parse_args(argv)
-    if args.tiles_from:
-        from headmap_tune import chosen_tiles
-        from kdgqa.core.headmap_attention import TUNED_TILES
-
-        TUNED_TILES.update(chosen_tiles(args.tiles_from))
+    use_tiles_from(args.tiles_from)
     if not torch.cuda.is_available():
         print("benchmarks/profile_attention.py: error: needs a CUDA device", file=sys.stderr)
         return 2

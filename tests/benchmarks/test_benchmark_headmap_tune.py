@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import headmap_tune as tune
+import tiles_file
 from kdgqa.core.headmap_attention import HeadmapTiles, Tiles
 
 
@@ -46,7 +47,7 @@ def test_chosen_tiles_read_back_as_library_settings(tmp_path):
     per = {k: {"tiles": [64, 32, 4, 2]} for k in tune.KERNELS}
     path = tmp_path / "tune.json"
     path.write_text(json.dumps({"chosen": {"64": per}, "records": []}))
-    assert tune.chosen_tiles(path) == {64: HeadmapTiles.same(64, 32)}
+    assert tiles_file.chosen_tiles(path) == {64: HeadmapTiles.same(64, 32)}
     assert HeadmapTiles.same(64, 32).forward == Tiles(64, 32, 4, 2)
 
 

@@ -384,6 +384,16 @@ if _HAS_TRITON:
     def _block_d(dim: int) -> int:
         return max(triton.next_power_of_2(dim), 16)
 
+    def _strides(*tensors: Tensor) -> list[int]:
+        """Batch, head and token strides of each ``(B, heads, N, D)`` tensor, in order."""
+        return [x.stride(i) for x in tensors for i in range(3)]
+
+    def _meta(tiles: Tiles, dim: int, dtype: torch.dtype) -> dict[str, Any]:
+        """Compile-time parameters and launch settings shared by the three kernels."""
+        return {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_D": _block_d(dim),
+                "PRECISION": _precision(dtype), "num_warps": tiles.num_warps,
+                "num_stages": tiles.num_stages}
+
     def _kernel(kernel: Any, direct: bool) -> Any:
         """The kernel itself in eager mode (``direct``), or wrapped for ``torch.compile``'s
         tracing inside the ``triton_op``."""
@@ -399,13 +409,9 @@ if _HAS_TRITON:
         lse = q.new_empty((batch, heads, tokens), dtype=torch.float32)
         grid = (triton.cdiv(tokens, tiles.block_m), batch * heads)
         _kernel(_fwd_kernel, direct)[grid](
-            q, k, v, head_map, out, lse,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            q, k, v, head_map, out, lse, *_strides(q, k, v, out),
             _map_stride(head_map), heads, k.shape[1], tokens, dim, scale * _LOG2E,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=_block_d(dim),
-            PRECISION=_precision(q.dtype), num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
+            **_meta(tiles, dim, q.dtype),
         )
         return out, lse
 
@@ -418,15 +424,9 @@ if _HAS_TRITON:
         delta = lse.new_empty((batch, heads, tokens))
         dq = _token_major(q, heads)
         _kernel(_dq_kernel, direct)[(triton.cdiv(tokens, tiles.block_m), batch * heads)](
-            q, k, v, out, grad, head_map, lse, delta, dq,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-            out.stride(2), grad.stride(0), grad.stride(1), grad.stride(2), dq.stride(0),
-            dq.stride(1), dq.stride(2), _map_stride(head_map), heads, k.shape[1], tokens, dim,
-            scale * _LOG2E, scale,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=_block_d(dim),
-            PRECISION=_precision(q.dtype), num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
+            q, k, v, out, grad, head_map, lse, delta, dq, *_strides(q, k, v, out, grad, dq),
+            _map_stride(head_map), heads, k.shape[1], tokens, dim, scale * _LOG2E, scale,
+            **_meta(tiles, dim, q.dtype),
         )
         return dq, delta
 
@@ -439,15 +439,9 @@ if _HAS_TRITON:
         kv_heads = k.shape[1]
         dk, dv = _token_major(k, kv_heads), _token_major(v, kv_heads)
         _kernel(_dkdv_kernel, direct)[(triton.cdiv(tokens, tiles.block_n), batch * kv_heads)](
-            q, k, v, grad, head_map, lse, delta, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), grad.stride(0), grad.stride(1),
-            grad.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0),
-            dv.stride(1), dv.stride(2), _map_stride(head_map), heads, kv_heads, tokens, dim,
-            scale * _LOG2E, scale,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=_block_d(dim),
-            PRECISION=_precision(q.dtype), num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
+            q, k, v, grad, head_map, lse, delta, dk, dv, *_strides(q, k, v, grad, dk, dv),
+            _map_stride(head_map), heads, kv_heads, tokens, dim, scale * _LOG2E, scale,
+            **_meta(tiles, dim, q.dtype),
         )
         return dk, dv
 
