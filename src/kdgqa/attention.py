@@ -103,9 +103,10 @@ class GroupedQueryAttention(nn.Module):
         self.rotary = rotary
         self.out_norm = out_norm
         self.last_kv_index: Tensor | None = None
-        #: How uneven maps expand K/V (see ``kdgqa.core.ops.expand_kv``; ``"split"`` runs static
-        #: uneven groups as one native-GQA call per group size, ``"headmap"`` the fused
-        #: head-map kernel on CUDA without expanding); kept for benchmarking.
+        #: How uneven or per-sample maps run (``kdgqa.core.ops.grouped_attention``): ``"auto"``
+        #: the head-map kernel where it serves, else the expansion; ``"headmap"``, ``"split"``
+        #: (static groups, one native-GQA call per group size) or an ``expand_kv`` method
+        #: (``"gather"``, ``"onehot"``, ...) to force one, e.g. for benchmarks.
         self.expand_method = "auto"
 
     @property
