@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import kdgqa
 from kdgqa.core.apportion import even_counts
 from kdgqa.core.perturb import PERTURB_METHODS
-from tiles_file import use_tiles_from
+from tiles_file import add_tiles_argument, use_tiles_from
 
 SHAPES: dict[str, dict[str, int]] = {
     "vit_b": {"batch": 256, "tokens": 197, "heads": 12, "kv_heads": 6, "head_dim": 64},
@@ -137,6 +137,23 @@ def time_ms(fn: Callable[[], object], iters: int, warmup: int, cuda: bool = True
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def forward_and_training_calls(
+    call: Callable[[], Tensor], leaf: Tensor, grad: Tensor
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Two timed callables around ``call``: forward under ``no_grad``, and forward+backward
+    into ``leaf`` (its gradient reset each time) with ``grad`` as the output gradient."""
+
+    def fwd() -> None:
+        with torch.no_grad():
+            call()
+
+    def fwd_bwd() -> None:
+        leaf.grad = None
+        call().backward(grad)
+
+    return fwd, fwd_bwd
 
 
 def queued_ms(fn: Callable[[], object], iters: int, warmup: int) -> float:
@@ -254,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="how pgqa's noise step runs (autograd: the plain tensor ops)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: fp32 wall-clock smoke run (no sync check)")
-    parser.add_argument("--tiles-from", type=Path, metavar="JSON",
-                        help="head-map kernel settings chosen by headmap_tune.py --merge "
-                             "(default: the library's TUNED_TILES)")
+    add_tiles_argument(parser)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, help="also write the JSON list here")

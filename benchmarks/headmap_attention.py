@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from attention import emit, queued_ms, time_ms, uneven_counts
+from attention import emit, forward_and_training_calls, queued_ms, time_ms, uneven_counts
 from kdgqa.core.headmap_attention import headmap_attention
 from kdgqa.core.ops import grouped_attention
-from tiles_file import use_tiles_from
+from tiles_file import add_tiles_argument, use_tiles_from
 
 SHAPES: dict[str, dict[str, int]] = {
     "vit_b": {"batch": 256, "tokens": 197, "heads": 12, "kv_heads": 6, "head_dim": 64},
@@ -131,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default gather; auto picks the head-map kernel on CUDA)")
     parser.add_argument("--peak-tflops", type=float, default=790.0,
                         help="dense bf16 peak for MFU (default 790)")
-    parser.add_argument("--tiles-from", type=Path, metavar="JSON",
-                        help="head-map kernel settings chosen by headmap_tune.py --merge "
-                             "(default: the library's TUNED_TILES)")
+    add_tiles_argument(parser)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path)
@@ -163,13 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 if variant not in args.variants:
                     continue
 
-                def fwd(call=call) -> None:  # type: ignore[no-untyped-def]
-                    with torch.no_grad():
-                        call()
-
-                def fwd_bwd(call=call, qkv=qkv, grad=grad) -> None:  # type: ignore[no-untyped-def]
-                    qkv.grad = None
-                    call().backward(grad)
+                fwd, fwd_bwd = forward_and_training_calls(call, qkv, grad)
 
                 rec: dict[str, object] = {
                     "device": torch.cuda.get_device_name(), "torch": torch.__version__,

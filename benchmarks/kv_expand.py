@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from attention import SHAPES, emit, time_ms
+from attention import SHAPES, emit, forward_and_training_calls, time_ms
 from kdgqa.core.apportion import counts_to_kv_index
 from kdgqa.core.ops import grouped_attention
 
@@ -58,13 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                     return grouped_attention(q.transpose(1, 2), kv, index, uniform=native,
                                              expand_method=method)
 
-                def fwd(call=call) -> None:  # type: ignore[no-untyped-def]
-                    with torch.no_grad():
-                        call()
-
-                def fwd_bwd(call=call, qkv=qkv, grad=grad) -> None:  # type: ignore[no-untyped-def]
-                    qkv.grad = None
-                    call().backward(grad)
+                fwd, fwd_bwd = forward_and_training_calls(call, qkv, grad)
 
                 rec = {
                     "device": torch.cuda.get_device_name(), "shape": shape_name, **s,

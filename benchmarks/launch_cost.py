@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch._library.triton import set_wrap_triton_enabled
 
 from kdgqa.core import headmap_attention as hm
 
@@ -48,9 +47,8 @@ def main() -> int:
     tiles = hm.default_tiles(d)
 
     def bare() -> None:
-        with set_wrap_triton_enabled(False):
-            hm.launch_forward(q.detach(), k.detach(), v.detach(), head_map, d ** -0.5,
-                              tiles.forward)
+        hm.launch_forward(q.detach(), k.detach(), v.detach(), head_map, d ** -0.5,
+                          tiles.forward, direct=True)
 
     calls: dict[str, Callable[[], object]] = {
         "sdpa_gqa_fwd": lambda: F.scaled_dot_product_attention(

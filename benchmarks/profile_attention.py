@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from attention import SHAPES, build
-from tiles_file import use_tiles_from
+from tiles_file import add_tiles_argument, use_tiles_from
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--expand-method", nargs="+", default=["auto"],
                         help="one table per method (GroupedQueryAttention.expand_method)")
-    parser.add_argument("--tiles-from", type=Path, metavar="JSON",
-                        help="head-map kernel settings chosen by headmap_tune.py --merge")
+    add_tiles_argument(parser)
     args = parser.parse_args(argv)
     use_tiles_from(args.tiles_from)
     if not torch.cuda.is_available():

@@ -4,6 +4,7 @@ benchmarks' ``--tiles-from``: they try settings before they are written into the
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -23,3 +24,10 @@ def use_tiles_from(path: Path | None) -> None:
     """Make this benchmark process use the file's settings (a no-op without a file)."""
     if path is not None:
         TUNED_TILES.update(chosen_tiles(path))
+
+
+def add_tiles_argument(parser: argparse.ArgumentParser) -> None:
+    """The benchmarks' ``--tiles-from JSON`` option."""
+    parser.add_argument("--tiles-from", type=Path, metavar="JSON",
+                        help="head-map kernel settings chosen by headmap_tune.py --merge "
+                             "(default: the library's TUNED_TILES)")
